@@ -1,0 +1,230 @@
+"""
+Every architecture of the RMT paper behind one flag, `arch`:
+  baseline  Transformer with relative positions, each segment alone
+  mt        Memory Transformer: learned memory tokens prepended to every segment
+  xl        Transformer-XL: cache of the previous layer inputs (Dai et al. 2019)
+  rmt       Recurrent Memory Transformer: [read mem | tokens | write mem] (Bulatov et al. 2022)
+  xl_rmt    Transformer-XL + RMT: both
+Memory handling and the segment loop live in memory.py; TRAMS selection in trams.py.
+
+Shape legend: B batch, T segment tokens, M memory slots, P cached positions (xl), S = M+T+M
+positions in the block, K = P+S keys, R = K+S-1 relative distances, L layers, H heads,
+D head dim, C d_model, V vocab.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import memory
+
+ARCHS = ('baseline', 'mt', 'xl', 'rmt', 'xl_rmt')
+
+
+@dataclass
+class ModelConfig:
+    arch: str = 'rmt'          # baseline | mt | xl | rmt | xl_rmt
+    vocab_size: int = 12       # V; set from the task's data
+    n_layer: int = 4           # L
+    n_head: int = 4            # H
+    d_model: int = 128         # C
+    d_head: int = 32           # D; n_head * d_head need not equal d_model
+    d_inner: int = 256         # FFN hidden size
+    dropout: float = 0.1       # on embeddings, positional embeddings, attention output, FFN
+    dropatt: float = 0.0       # on attention probabilities
+    seg_len: int = 24          # tokens per segment (T); evaluation may use another
+    mem_len: int = 0           # xl, xl_rmt: cached layer inputs per layer (P); eval may differ
+    n_mem_tokens: int = 12     # mt, rmt, xl_rmt: memory slots (M)
+    bptt_depth: int = -1       # rmt: segments the gradient reaches back (0 = none, -1 = all)
+    clamp_len: int = 0         # > 0: cap |distance| in the positional term
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch '{self.arch}': use one of {', '.join(ARCHS)}")
+        # the arch decides which memory knobs exist; unused ones are zeroed so configs stay true
+        if self.arch not in ('xl', 'xl_rmt'):
+            self.mem_len = 0
+        elif self.mem_len < 1:
+            raise ValueError(f'--arch {self.arch} needs --mem_len >= 1')
+        if self.arch in ('baseline', 'xl'):
+            self.n_mem_tokens = 0
+        elif self.n_mem_tokens < 1:
+            raise ValueError(f'--arch {self.arch} needs --n_mem_tokens >= 1')
+        if self.seg_len < 1:
+            raise ValueError('--seg_len must be >= 1')
+        if self.bptt_depth < -1:
+            raise ValueError('--bptt_depth must be -1 (full), 0 or a positive number of segments')
+        for k in ('vocab_size', 'n_layer', 'n_head', 'd_model', 'd_head', 'd_inner'):
+            if getattr(self, k) < 1:
+                raise ValueError(f'--{k} must be >= 1')
+
+
+def build_mask(P, n_read, T, n_write, device=None):
+    """Boolean (S, K) mask, True = may attend, for keys [cache P | read | tokens T | write] and
+    queries [read | tokens | write] (SPEC §3 picture). Built once per forward, shared by layers."""
+    S = n_read + T + n_write
+    q = torch.arange(S, device=device)[:, None] + P
+    k = torch.arange(P + S, device=device)[None, :]
+    mask = k <= q                                      # causal: tokens see cache, read, the past
+    mask[:n_read, P:P + n_read] = True                 # RMT/MT: read memory is bidirectional
+    mask[n_read + T:] = True                           # RMT: write memory goes last, sees all
+    return mask                                        # (S, K)
+
+
+def sinusoid(pos, C):
+    """Sinusoidal embedding (Vaswani et al.) of (signed) distances pos (R,) -> (R, C)."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, C, 2, device=pos.device, dtype=torch.float) / C))
+    x = pos[:, None].float() * inv_freq[None]
+    return torch.cat([x.sin(), x.cos()], -1)
+
+
+def rel_shift(x, K):
+    """Positional scores over distances K-1 ... -(S-1) (descending) to scores at the true signed
+    distance d(i, j) = (K-S) + i - j of query i and key j: out[i, j] = x[i, S-1-i+j].
+    Pure views (Tr-XL's shift trick); valid because the table holds every distance, negative ones
+    included (the original's table stops at 0, which leaves garbage where d < 0)."""
+    B, H, S, R = x.shape                                                       # R = K+S-1
+    x = x.reshape(B, H, S * R)[..., S - 1:S - 1 + S * (R - 1)]
+    return x.view(B, H, S, R - 1)[..., :K]                                     # (B, H, S, K)
+
+
+class RelAttention(nn.Module):
+    """Tr-XL relative attention (Dai et al. 2019, §3.3): score(i, j) = [(q_i+u)·k_j +
+    (q_i+v)·W_R r_{d(i,j)}] / sqrt(D); keys and values also cover the cache. Softmax by SDPA
+    with the positional term and the mask as an additive bias."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.H, self.D = cfg.n_head, cfg.d_head
+        self.q = nn.Linear(cfg.d_model, cfg.n_head * cfg.d_head, bias=False)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.n_head * cfg.d_head, bias=False)
+        self.r = nn.Linear(cfg.d_model, cfg.n_head * cfg.d_head, bias=False)   # W_R
+        self.o = nn.Linear(cfg.n_head * cfg.d_head, cfg.d_model, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.dropatt = cfg.dropatt
+
+    def forward(self, h, cache, pos, u, v, mask):
+        B, S, _ = h.shape
+        hk = h if cache is None else torch.cat([cache, h], 1)                    # (B, K, C)
+        K = hk.size(1)
+        q = self.q(h).view(B, S, self.H, self.D).transpose(1, 2)                  # (B, H, S, D)
+        k, val = self.kv(hk).view(B, K, 2, self.H, self.D).permute(2, 0, 3, 1, 4)  # (B, H, K, D)
+        r = self.r(pos).view(-1, self.H, self.D).transpose(0, 1)                 # (H, R, D)
+        bd = rel_shift((q + v[:, None]) @ r.transpose(1, 2), K)                  # (B, H, S, K)
+        bias = (bd / math.sqrt(self.D)).masked_fill(~mask, float('-inf'))
+        y = F.scaled_dot_product_attention(q + u[:, None], k, val, attn_mask=bias,
+                                           dropout_p=self.dropatt if self.training else 0.0)
+        return self.drop(self.o(y.transpose(1, 2).reshape(B, S, -1)))            # (B, S, C)
+
+
+class Block(nn.Module):
+    """Post-LN residual block of the papers: LN(h + attn(h)), then LN(h + FFN(h)), ReLU FFN."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn = RelAttention(cfg)
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.ff = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_inner), nn.ReLU(),
+                                nn.Dropout(cfg.dropout), nn.Linear(cfg.d_inner, cfg.d_model),
+                                nn.Dropout(cfg.dropout))
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, h, cache, pos, u, v, mask):
+        h = self.ln1(h + self.attn(h, cache, pos, u, v, mask))
+        return self.ln2(h + self.ff(h))
+
+
+class MemTransformer(nn.Module):
+    """Decoder-only Transformer with relative positions and optional XL cache / memory tokens.
+    forward(idx, state, targets) -> (logits (B, T, V) or per-token NLL (B, T), new state)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        C, H, D = cfg.d_model, cfg.n_head, cfg.d_head
+        self.tok_emb = nn.Embedding(cfg.vocab_size, C)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.u = nn.Parameter(torch.zeros(H, D))       # content bias, shared by all layers
+        self.v = nn.Parameter(torch.zeros(H, D))       # position bias, shared by all layers
+        # RMT/MT: initial memory; distinct small rows (the original: M identical N(0,1) rows)
+        self.mem_init = nn.Parameter(torch.zeros(cfg.n_mem_tokens, C)) if cfg.n_mem_tokens else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # output weights = tok_emb
+        self.apply(self._init)
+        for p in (self.u, self.v, self.mem_init):
+            if p is not None:
+                nn.init.normal_(p, std=0.02)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, 'bias', None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, idx, state=None, targets=None):
+        """idx (B, T_all) is cut into segments of cfg.seg_len; memory.run_segments carries the
+        state across them and places the BPTT cut points."""
+        return memory.run_segments(self.segment, idx, state, targets,
+                                   self.cfg.seg_len, self.cfg.bptt_depth)
+
+    def segment(self, idx, state=None, targets=None):
+        """One segment: idx (B, T) with the state of the previous segment."""
+        cfg = self.cfg
+        cache, mem = state if state is not None else (None, None)
+        B, T = idx.shape
+        x = self.drop(self.tok_emb(idx) * math.sqrt(cfg.d_model))                 # (B, T, C)
+        if cfg.n_mem_tokens and (mem is None or cfg.arch == 'mt'):
+            mem = self.mem_init.expand(B, -1, -1)                               # (B, M, C)
+        h, n_read, n_write = memory.read_write(x, mem, cfg.arch)                  # (B, S, C)
+        P = 0 if cache is None else cache[0].size(1)
+        S = h.size(1)
+        mask = build_mask(P, n_read, T, n_write, idx.device)                     # (S, K)
+        pos = torch.arange(P + S - 1, -S, -1, device=idx.device)                 # (R,)
+        if cfg.clamp_len > 0:
+            pos = pos.clamp(-cfg.clamp_len, cfg.clamp_len)
+        pos = self.drop(sinusoid(pos, cfg.d_model))                              # (R, C)
+        hids = []
+        for l, block in enumerate(self.blocks):
+            hids.append(h[:, n_read:n_read + T])   # XL caches token positions, never memory slots
+            h = block(h, None if cache is None else cache[l], pos, self.u, self.v, mask)
+        h = self.drop(h)
+        cache = memory.update_cache(cache, hids, cfg.mem_len)
+        mem = memory.write_memory(h, n_write)
+        new_state = None if cache is None and mem is None else memory.State(cache, mem)
+        logits = F.linear(h[:, n_read:n_read + T], self.tok_emb.weight, self.out_bias)  # (B,T,V)
+        if targets is None:
+            return logits, new_state
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction='none')
+        return nll.view(B, T), new_state
+
+    @torch.no_grad()
+    def generate(self, prompt, n_new, state=None, temperature=0.0, top_k=None):
+        """Continue prompt (B, T0 >= 1) by n_new tokens, segment by segment with the memory
+        carried, exactly as in training: the current (partial) segment is recomputed from the
+        state before it for every new token (RMT write memory depends on the whole segment).
+        temperature 0 = greedy. Returns (B, n_new)."""
+        seg_len, new = self.cfg.seg_len, []
+        n_full = (prompt.size(1) - 1) // seg_len
+        if n_full:
+            _, state = self(prompt[:, :n_full * seg_len], state)
+        cur = prompt[:, n_full * seg_len:]                                       # (B, 1..T)
+        for _ in range(n_new):
+            logits, next_state = self.segment(cur, state)
+            logits = logits[:, -1]                                               # (B, V)
+            if temperature > 0:
+                logits = logits / temperature
+                if top_k:
+                    kth = logits.topk(min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float('-inf'))
+                nxt = torch.multinomial(F.softmax(logits, -1), 1)                 # (B, 1)
+            else:
+                nxt = logits.argmax(-1, keepdim=True)
+            new.append(nxt)
+            if cur.size(1) == seg_len:               # segment full: its state becomes the memory
+                state, cur = next_state, nxt
+            else:
+                cur = torch.cat([cur, nxt], 1)
+        return torch.cat(new, 1)

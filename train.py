@@ -1,0 +1,390 @@
+"""
+The one entry point: train, evaluate or sample every architecture on every task, on a CPU, one GPU,
+or many GPUs with torchrun.
+  python train.py                                      # RMT learns to copy on a laptop CPU
+  python train.py --task copy --arch xl --mem_len 12   # flags override the task's preset
+  torchrun --standalone --nproc_per_node=8 train.py --task enwik8
+  python train.py --mode eval --init_from out/ckpt.pt --mem_len 400
+  python train.py --mode sample --init_from out/ckpt.pt --prompt "The "
+"""
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+from model import MemTransformer, ModelConfig
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    task: str = 'copy'         # copy | reverse | retrieval | sqeq | enwik8 | wt103 | text
+    preset: str = ''           # a PRESETS key; '' = '<task>_cpu' on a CPU, '<task>' on a GPU
+    mode: str = 'train'        # train | eval | sample
+    seq_len: int = 24          # copy, reverse: source length S (paper: 24, 40, 120, 240, 360)
+    data_dir: str = 'data'     # where enwik8 / wt103 / text splits are prepared
+    data_path: str = ''        # text: any local file, read as bytes
+    batch_size: int = 64       # examples (or LM streams) per micro-step per process
+    grad_accum: int = 1        # micro-steps per optimizer step
+    lr: float = 1e-3           # Adam learning rate
+    schedule: str = 'plateau'  # plateau: constant, halved when val loss stalls | cosine: warm-up
+    warmup_iters: int = 0      # cosine: linear warm-up steps
+    patience: int = 4          # plateau: evaluations without improvement before halving the lr
+    grad_clip: float = 0.25    # max gradient norm (0 = off)
+    max_iters: int = 1500      # optimizer steps
+    eval_interval: int = 250   # steps between validations (and checkpoints)
+    eval_examples: int = 1000  # algorithmic tasks: examples per evaluation (0 = whole split)
+    eval_tokens: int = 0       # LM tasks: tokens per rank per evaluation (0 = whole split)
+    log_interval: int = 50     # steps between log lines
+    seed: int = 1337
+    device: str = 'auto'       # auto | cpu | cuda | cuda:N
+    out_dir: str = 'out'       # checkpoints: ckpt.pt (latest), best.pt (best validation)
+    init_from: str = ''        # '' = scratch | resume (out_dir/ckpt.pt) | path to a checkpoint
+    sample_len: int = 500      # sample: tokens to generate
+    temperature: float = 0.9   # sample: 0 = greedy
+    top_k: int = 40            # sample: keep the k most likely tokens (0 = all)
+    prompt: str = '\n'         # sample: text to continue
+
+
+PAPER = dict(n_layer=4, d_model=128, n_head=4, d_head=64, d_inner=256, dropout=0.1, lr=1e-4,
+             batch_size=32, max_iters=250_000, eval_interval=5000, eval_examples=0)
+PRESETS = {
+    # the papers' settings (SPEC §6): GPU-days
+    'copy': dict(PAPER, task='copy', seq_len=24, seg_len=12, n_mem_tokens=6, mem_len=6),
+    'reverse': dict(PAPER, task='reverse', seq_len=24, seg_len=12, n_mem_tokens=6, mem_len=6),
+    'retrieval': dict(PAPER, task='retrieval', n_layer=6, d_model=64, d_head=32, d_inner=128,
+                      seg_len=5, n_mem_tokens=5, mem_len=5),
+    'sqeq': dict(PAPER, task='sqeq', n_layer=6, n_head=6, max_iters=600_000, seg_len=30,
+                 n_mem_tokens=30, mem_len=30),
+    # small versions that learn on two CPU cores in minutes (the defaults are copy_cpu)
+    'copy_cpu': dict(),
+    'reverse_cpu': dict(task='reverse', seg_len=12, n_mem_tokens=6, mem_len=6),
+    'retrieval_cpu': dict(task='retrieval', seg_len=5, n_mem_tokens=5, mem_len=5, n_layer=3,
+                          d_model=64, d_head=32, d_inner=128),
+    'sqeq_cpu': dict(task='sqeq', seg_len=30, n_mem_tokens=30, mem_len=30, batch_size=32,
+                     eval_examples=500),
+}
+
+
+def die(msg):
+    """Bad input ends in one line that names the fix, exit code 2, no traceback."""
+    print(f'error: {msg}', file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv):
+    """Every dataclass field is a flag: --name value or --name=value; a bare boolean means true."""
+    types = {f.name: f.type for c in (ModelConfig, TrainConfig) for f in fields(c)}
+    given, i = {}, 0
+    while i < len(argv):
+        key, eq, val = argv[i].partition('=')
+        name = key[2:]
+        if not key.startswith('--') or name not in types:
+            die(f"unknown flag '{argv[i]}': flags are --name value with a name from "
+                "ModelConfig or TrainConfig (python train.py --help lists them)")
+        if not eq and types[name] is bool and (i + 1 == len(argv) or argv[i + 1][:2] == '--'):
+            val = 'true'
+        elif not eq:
+            if i + 1 == len(argv):
+                die(f'flag --{name} needs a value')
+            i, val = i + 1, argv[i + 1]
+        try:
+            if types[name] is bool:
+                val = {'true': True, '1': True, 'false': False, '0': False}[val.lower()]
+            given[name] = types[name](val)
+        except (KeyError, ValueError):
+            die(f"--{name} expects a {types[name].__name__}, got '{val}'")
+        i += 1
+    return given
+
+
+def make_configs(given, ckpt=None):
+    """Defaults <- preset <- flags for a new run; checkpoint configs <- flags for eval/sample."""
+    if ckpt is not None:
+        mc, tc = dict(ckpt['model_cfg']), dict(ckpt['train_cfg'])
+    else:
+        task = given.get('task', TrainConfig.task)
+        cuda = torch.cuda.is_available() and given.get('device', 'auto') != 'cpu'
+        preset = given.get('preset') or (task if cuda and task in PRESETS else f'{task}_cpu')
+        if preset not in PRESETS:
+            die(f"unknown preset '{preset}': use one of {', '.join(PRESETS)}")
+        mc, tc = {}, dict(preset=preset, task=task)
+        for k, v in PRESETS[preset].items():
+            (tc if k in TrainConfig.__dataclass_fields__ else mc)[k] = v
+    for k, v in given.items():
+        (tc if k in TrainConfig.__dataclass_fields__ else mc)[k] = v
+    try:
+        tcfg = TrainConfig(**tc)
+        if tcfg.task not in data.ALGO_TASKS + data.LM_TASKS:
+            raise ValueError(f"unknown task '{tcfg.task}': use one of "
+                             + ', '.join(data.ALGO_TASKS + data.LM_TASKS))
+        if tcfg.mode not in ('train', 'eval', 'sample', 'bench'):
+            raise ValueError(f"unknown mode '{tcfg.mode}': use train, eval or sample")
+        if tcfg.schedule not in ('plateau', 'cosine'):
+            raise ValueError(f"unknown schedule '{tcfg.schedule}': use plateau or cosine")
+        for k in ('seq_len', 'batch_size', 'grad_accum', 'max_iters', 'eval_interval',
+                  'log_interval'):
+            if getattr(tcfg, k) < 1:
+                raise ValueError(f'--{k} must be >= 1')
+        mcfg = ModelConfig(**mc)
+        if tcfg.task in data.LM_TASKS and mcfg.bptt_depth < 0:
+            raise ValueError('LM streams need --bptt_depth >= 0 (segments per step - 1)')
+    except (TypeError, ValueError) as e:
+        die(str(e))
+    return mcfg, tcfg
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file in the same folder, flush to disk, then rename over the old one:
+    a crash at any moment leaves either the old checkpoint or the new one, never a torn file."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        die(f'could not write {path} ({e.strerror}): free disk space or change --out_dir; '
+            'the previous checkpoint is intact')
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        die(f'no checkpoint at {path}: train first, or pass --init_from PATH')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        die(f'{path} is not a readable checkpoint ({type(e).__name__}): use another file')
+    if not isinstance(ckpt, dict) or not {'model', 'model_cfg', 'train_cfg'} <= ckpt.keys():
+        die(f'{path} is not a checkpoint of this codebase: use another file')
+    return ckpt
+
+
+def main(argv):
+    if '--help' in argv or '-h' in argv:
+        for c in (ModelConfig, TrainConfig):
+            print(' '.join(f'--{f.name} {f.default!r}' for f in fields(c)))
+        return
+    given = parse_flags(argv)
+    init_from = given.get('init_from', '')
+    ckpt = None
+    if init_from:
+        out_dir = given.get('out_dir', TrainConfig.out_dir)
+        ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume'
+                               else init_from)
+        if given.get('arch', ckpt['model_cfg']['arch']) != ckpt['model_cfg']['arch']:
+            die(f"{init_from} holds an '{ckpt['model_cfg']['arch']}' model, not "
+                f"'{given['arch']}': drop --arch or use another checkpoint")
+    mcfg, tcfg = make_configs(given, ckpt)
+
+    # ------------------------------------------------------------------------- DDP / device
+    ddp = 'RANK' in os.environ
+    if ddp:
+        use_cuda = torch.cuda.is_available() and tcfg.device != 'cpu'
+        dist.init_process_group('nccl' if use_cuda else 'gloo')
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else 'cpu'
+        if use_cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+        device = tcfg.device if tcfg.device != 'auto' else \
+            ('cuda' if torch.cuda.is_available() else 'cpu')
+    master = rank == 0
+    torch.manual_seed(tcfg.seed + rank)          # dropout differs per rank; init is broadcast
+
+    # ------------------------------------------------------------------------- data
+    algo = tcfg.task in data.ALGO_TASKS
+    try:
+        if algo:
+            spec = data.task_spec(tcfg.task, tcfg.seq_len)
+            splits = data.make_splits(tcfg.task, tcfg.seq_len, tcfg.seed)
+            mcfg.vocab_size = spec['vocab_size']
+            loaders = {s: data.Examples(splits[s], spec['ans_len'], tcfg.batch_size, rank, world,
+                                        tcfg.seed) for s in ('train', 'val', 'test')}
+            if master:
+                print('data: ' + ', '.join(f'{s} {len(a)} ({data.split_checksum(a)})'
+                                           for s, a in splits.items()))
+        else:
+            if master:
+                corpus = data.load_corpus(tcfg.task, tcfg.data_dir, tcfg.data_path or None)
+            if ddp:
+                dist.barrier()                   # rank 0 prepares the files, the others wait
+            corpus = data.load_corpus(tcfg.task, tcfg.data_dir, tcfg.data_path or None)
+            mcfg.vocab_size = corpus.vocab_size
+            window = mcfg.seg_len * (mcfg.bptt_depth + 1)   # BPTT-k: k+1 segments per step
+            loaders = {s: data.Stream(getattr(corpus, s), tcfg.batch_size, window, rank, world)
+                       for s in ('train', 'val', 'test')}
+    except data.DataError as e:
+        die(str(e))
+
+    # ------------------------------------------------------------------------- model / optimizer
+    model = MemTransformer(mcfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
+    if tcfg.schedule == 'cosine':
+        def lr_lambda(it):
+            if it < tcfg.warmup_iters:
+                return (it + 1) / tcfg.warmup_iters
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, it / tcfg.max_iters)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    else:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5,
+                                                               patience=tcfg.patience)
+    start, best_val = 0, float('inf')
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt['model'])
+        except RuntimeError:
+            die(f'{init_from} does not fit this model (other size or vocabulary): '
+                'give the matching flags or another checkpoint')
+        if init_from == 'resume':
+            optimizer.load_state_dict(ckpt['optimizer'])
+            scheduler.load_state_dict(ckpt['scheduler'])
+            start, best_val = ckpt['step'], ckpt['best_val']
+            torch.set_rng_state(ckpt['rng'][rank % len(ckpt['rng'])])
+            if not algo:
+                loaders['train'].load_state_dict(ckpt['loader'])
+    raw = model
+    if ddp:  # RMT's initial memory goes unused once a stream carries memory
+        model = DDP(model, device_ids=[device] if device != 'cpu' else None,
+                    broadcast_buffers=False, find_unused_parameters=mcfg.n_mem_tokens > 0)
+
+    # ------------------------------------------------------------------------- helpers
+    def reduce(vals):
+        """Sum a list of numbers over ranks (sums, never means of means)."""
+        t = torch.tensor(vals, dtype=torch.float64, device=device)
+        if ddp:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    @torch.no_grad()
+    def evaluate(split):
+        """Algorithmic: answer loss, teacher-forced and free-running per-token accuracy, exact
+        match. LM: token-weighted NLL over this rank's streams -> bpc or perplexity."""
+        raw.eval()
+        if algo:
+            A, S = spec['ans_len'], spec['score_len']
+            sums = [0.0] * 6
+            for x, y, w in loaders[split].eval_batches(4 * tcfg.batch_size,
+                                                       tcfg.eval_examples // world or None):
+                x, y, w = x.to(device), y.to(device), w.to(device)
+                logits, _ = raw(x)
+                nll = F.cross_entropy(logits.transpose(1, 2), y, reduction='none')
+                gen = raw.generate(x[:, :x.size(1) - A + 1], A)       # memory carried, greedy
+                free = gen[:, -S:] == y[:, -S:]
+                sums = [a + b for a, b in zip(sums, [
+                    (nll * w).sum().item(), w.sum().item(), len(x) * S,
+                    (logits[:, -S:].argmax(-1) == y[:, -S:]).sum().item(),
+                    free.sum().item(), free.all(1).sum().item()])]
+            nll, n, n_ans, tf, fr, em = reduce(sums)
+            res = dict(loss=nll / n, acc_tf=tf / n_ans, acc_free=fr / n_ans,
+                       exact=em / (n_ans / S), n=int(n_ans / S))
+        else:
+            state, nll, n = None, 0.0, 0
+            for x, y in loaders[split].eval_windows(mcfg.seg_len, tcfg.eval_tokens or None):
+                out, state = raw(x.to(device), state, y.to(device))
+                nll, n = nll + out.sum().item(), n + out.numel()
+            nll, n = reduce([nll, n])
+            res = dict(loss=nll / n, n=int(n))
+            res['bpc' if tcfg.task != 'wt103' else 'ppl'] = \
+                nll / n / math.log(2) if tcfg.task != 'wt103' else math.exp(nll / n)
+        raw.train()
+        return res
+
+    def fmt(res):
+        return ' | '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
+                          for k, v in res.items())
+
+    def checkpoint(name, step):
+        if master:
+            save_atomic(dict(model=raw.state_dict(), optimizer=optimizer.state_dict(),
+                             scheduler=scheduler.state_dict(), model_cfg=asdict(mcfg),
+                             train_cfg=asdict(tcfg), step=step, best_val=best_val,
+                             rng=[torch.get_rng_state()],
+                             loader=None if algo else loaders['train'].state_dict()),
+                        os.path.join(tcfg.out_dir, name))
+
+    if tcfg.mode == 'eval':
+        if master:
+            print(f'eval: arch {mcfg.arch} | seg_len {mcfg.seg_len} | mem_len {mcfg.mem_len} | '
+                  f'n_mem_tokens {mcfg.n_mem_tokens} | clamp_len {mcfg.clamp_len}')
+        for split in ('val', 'test'):
+            res = evaluate(split)
+            if master:
+                print(f'{split}: {fmt(res)}')
+        return
+    if tcfg.mode == 'sample':
+        raw.eval()
+        prompt = torch.as_tensor(corpus.encode(tcfg.prompt), dtype=torch.long, device=device)
+        out = raw.generate(prompt[None], tcfg.sample_len, None, tcfg.temperature, tcfg.top_k)
+        print(tcfg.prompt + corpus.decode(out[0].tolist()))
+        return
+
+    # ------------------------------------------------------------------------- training loop
+    if master:
+        os.makedirs(tcfg.out_dir, exist_ok=True)
+        n_params = sum(p.numel() for p in raw.parameters())
+        print(f'preset {tcfg.preset} | task {tcfg.task} | arch {mcfg.arch} | '
+              f'{n_params / 1e6:.2f}M params | world {world} | device {device}')
+    states = [None] * tcfg.grad_accum            # LM: memory carried by each micro-step's streams
+    t0, n_tok = time.time(), 0
+    for it in range(start, tcfg.max_iters):
+        for micro in range(tcfg.grad_accum):
+            if algo:
+                x, y, w = loaders['train'].batch(it * tcfg.grad_accum + micro)
+                w = w.to(device)
+            else:
+                (x, y), w = loaders['train'].next(), None
+            x, y = x.to(device), y.to(device)
+            sync = not ddp or micro == tcfg.grad_accum - 1
+            with model.no_sync() if not sync else torch.enable_grad():
+                nll, states[micro] = model(x, None if algo else states[micro], y)
+                loss = nll.mean() if w is None else (nll * w).sum() / w.sum()
+                (loss / tcfg.grad_accum).backward()
+            n_tok += nll.numel() if w is None else int(w.sum())
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                               tcfg.grad_clip if tcfg.grad_clip else math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if tcfg.schedule == 'cosine':
+            scheduler.step()
+        step = it + 1
+        if step % tcfg.log_interval == 0 and master:
+            dt = time.time() - t0
+            print(f'step {step} | loss {loss.item():.4f} | lr {optimizer.param_groups[0]["lr"]:.2e}'
+                  f' | gnorm {gnorm.item():.2f} | {1000 * dt / tcfg.log_interval:.0f} ms/step | '
+                  f'{n_tok * world / dt:.0f} tok/s', flush=True)
+            t0, n_tok = time.time(), 0
+        if step % tcfg.eval_interval == 0 or step == tcfg.max_iters:
+            res = evaluate('val')
+            if tcfg.schedule == 'plateau':
+                scheduler.step(res['loss'])
+            if master:
+                print(f'val step {step}: {fmt(res)}', flush=True)
+            if res['loss'] < best_val:
+                best_val = res['loss']
+                checkpoint('best.pt', step)
+            checkpoint('ckpt.pt', step)
+            t0 = time.time()
+
+    # ------------------------------------------------------------------------- final test
+    res = evaluate('test')
+    if master:
+        print(f'test: {fmt(res)}')
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
