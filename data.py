@@ -166,6 +166,22 @@ class Examples:
             yield self._xyw(mine[s:s + batch_size])
 
 
+def answer_metrics(model, x, y, w, ans_len, score_len):
+    """The three metrics of the algorithmic tasks on one batch, as sums to add up over batches and
+    ranks: [answer NLL, answer tokens, scored tokens, teacher-forced correct, free-running correct,
+    exact matches]. Teacher-forced: argmax with the true prefix. Free-running: greedy generation
+    of the whole answer from the prompt before it, memory carried across segment boundaries,
+    no ground truth fed back. Exact match: every scored token of the free-running answer right."""
+    logits, _ = model(x)                                                         # (B, T, V)
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction='none')
+    gen = model.generate(x[:, :x.size(1) - ans_len + 1], ans_len)               # (B, A)
+    S = score_len
+    free = gen[:, -S:] == y[:, -S:]
+    return [(nll * w).sum().item(), w.sum().item(), free.numel(),
+            (logits[:, -S:].argmax(-1) == y[:, -S:]).sum().item(), free.sum().item(),
+            free.all(1).sum().item()]
+
+
 # ----------------------------------------------------------------------------- language modelling
 
 ENWIK8_URL = 'http://mattmahoney.net/dc/enwik8.zip'

@@ -8,7 +8,7 @@ Every architecture of the RMT paper behind one flag, `arch`:
 Memory handling and the segment loop live in memory.py; TRAMS selection in trams.py.
 
 Shape legend: B batch, T segment tokens, M memory slots, P cached positions (xl), S = M+T+M
-positions in the block, K = P+S keys, R = K+S-1 relative distances, L layers, H heads,
+positions in the block, K = P+S keys, R = K+S relative distances, L layers, H heads,
 D head dim, C d_model, V vocab.
 """
 import math
@@ -27,12 +27,12 @@ ARCHS = ('baseline', 'mt', 'xl', 'rmt', 'xl_rmt')
 class ModelConfig:
     arch: str = 'rmt'          # baseline | mt | xl | rmt | xl_rmt
     vocab_size: int = 12       # V; set from the task's data
-    n_layer: int = 4           # L
-    n_head: int = 4            # H
-    d_model: int = 128         # C
+    n_layer: int = 2           # L
+    n_head: int = 2            # H
+    d_model: int = 64          # C
     d_head: int = 32           # D; n_head * d_head need not equal d_model
-    d_inner: int = 256         # FFN hidden size
-    dropout: float = 0.1       # on embeddings, positional embeddings, attention output, FFN
+    d_inner: int = 128         # FFN hidden size
+    dropout: float = 0.0       # on embeddings, positional embeddings, attention output, FFN
     dropatt: float = 0.0       # on attention probabilities
     seg_len: int = 24          # tokens per segment (T); evaluation may use another
     mem_len: int = 0           # xl, xl_rmt: cached layer inputs per layer (P); eval may differ
@@ -81,11 +81,11 @@ def sinusoid(pos, C):
 
 
 def rel_shift(x, K):
-    """Positional scores over distances K-1 ... -(S-1) (descending) to scores at the true signed
+    """Positional scores over distances K-1 ... -S (descending) to scores at the true signed
     distance d(i, j) = (K-S) + i - j of query i and key j: out[i, j] = x[i, S-1-i+j].
     Pure views (Tr-XL's shift trick); valid because the table holds every distance, negative ones
     included (the original's table stops at 0, which leaves garbage where d < 0)."""
-    B, H, S, R = x.shape                                                       # R = K+S-1
+    B, H, S, R = x.shape                                                       # R = K+S
     x = x.reshape(B, H, S * R)[..., S - 1:S - 1 + S * (R - 1)]
     return x.view(B, H, S, R - 1)[..., :K]                                     # (B, H, S, K)
 
@@ -148,14 +148,14 @@ class MemTransformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.u = nn.Parameter(torch.zeros(H, D))       # content bias, shared by all layers
         self.v = nn.Parameter(torch.zeros(H, D))       # position bias, shared by all layers
-        # RMT/MT: initial memory; distinct small rows (the original: M identical N(0,1) rows)
+        # RMT/MT: learned initial memory, zeros at init (the original: M identical N(0,1) rows).
+        # Zeros learn much faster here: a write slot's first LayerNorm then sees only what it read
         self.mem_init = nn.Parameter(torch.zeros(cfg.n_mem_tokens, C)) if cfg.n_mem_tokens else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # output weights = tok_emb
         self.apply(self._init)
-        for p in (self.u, self.v, self.mem_init):
-            if p is not None:
-                nn.init.normal_(p, std=0.02)
+        for p in (self.u, self.v):
+            nn.init.normal_(p, std=0.02)
 
     @staticmethod
     def _init(m):
@@ -182,7 +182,7 @@ class MemTransformer(nn.Module):
         P = 0 if cache is None else cache[0].size(1)
         S = h.size(1)
         mask = build_mask(P, n_read, T, n_write, idx.device)                     # (S, K)
-        pos = torch.arange(P + S - 1, -S, -1, device=idx.device)                 # (R,)
+        pos = torch.arange(P + S - 1, -S - 1, -1, device=idx.device)             # (R,)
         if cfg.clamp_len > 0:
             pos = pos.clamp(-cfg.clamp_len, cfg.clamp_len)
         pos = self.drop(sinusoid(pos, cfg.d_model))                              # (R, C)

@@ -78,11 +78,12 @@ def test_no_future_leakage_every_arch():
 
 
 def test_rel_shift_gives_true_signed_distances():
-    B, H, S, K = 2, 3, 5, 9
-    x = torch.randn(B, H, S, K + S - 1)       # columns: distances K-1 ... -(S-1)
-    dist = torch.arange(S)[:, None] + (K - S) - torch.arange(K)[None]
-    ref = x.gather(-1, ((K - 1) - dist).expand(B, H, S, K))
-    assert torch.equal(rel_shift(x, K), ref)
+    B, H, K = 2, 3, 9
+    for S in (1, 5):
+        x = torch.randn(B, H, S, K + S)           # columns: distances K-1 ... -S
+        dist = torch.arange(S)[:, None] + (K - S) - torch.arange(K)[None]
+        ref = x.gather(-1, ((K - 1) - dist).expand(B, H, S, K))
+        assert torch.equal(rel_shift(x, K), ref)
 
 
 def test_rmt_mask_matches_spec_picture():
@@ -496,6 +497,69 @@ def test_download_is_all_or_nothing():
             assert os.listdir(d) == ['f.zip'] and open(path, 'rb').read() == b'x' * 60 + b'y' * 40
     finally:
         data.urllib.request.urlopen = real
+
+
+# ----------------------------------------------------------------------------- metrics, learning
+
+
+class CopyOracle(MemTransformer):
+    """Always right on copy's answer: its 'memory' is every token seen so far, so free-running
+    generation must carry it across segments exactly as teacher forcing does."""
+
+    def segment(self, idx, state=None, targets=None):
+        S = (self.cfg.seq_len_for_test)
+        hist = idx if state is None else torch.cat([state.mem, idx], 1)
+        p = torch.arange(hist.size(1) - idx.size(1), hist.size(1))    # positions of idx
+        nxt = hist[:, (p - S).clamp(min=0) % S]                         # copy from the source
+        nxt[:, p + 1 == S] = 1
+        logits = torch.nn.functional.one_hot(nxt, self.cfg.vocab_size).float()
+        return logits, memory.State(None, hist)
+
+
+def test_free_running_equals_teacher_forced_when_always_right():
+    S = 7
+    seqs = generate('copy', 16, S, np.random.default_rng(0))
+    oracle = tiny('rmt', seg_len=5)
+    oracle.__class__ = CopyOracle
+    oracle.cfg.seq_len_for_test = S
+    x, y, w = Examples(seqs, 2 * S, 16).batch(0)
+    nll, n, n_ans, tf, fr, em = data.answer_metrics(oracle, x, y, w, 2 * S, 2 * S)
+    assert n_ans == 16 * 2 * S and tf == fr == n_ans and em == 16
+
+
+def train_tiny(arch, steps=500):
+    torch.manual_seed(0)
+    m = tiny(arch, seg_len=4, n_mem_tokens=2, d_model=64, d_head=32, d_inner=128)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    rng = np.random.default_rng(0)
+    for _ in range(steps):        # copy S=4 in 3 segments of 4: the answer needs memory
+        x, y, w = Examples(generate('copy', 64, 4, rng), 8, 64).batch(0)
+        nll, _ = m(x, None, y)
+        opt.zero_grad()
+        ((nll * w).sum() / w.sum()).backward()
+        opt.step()
+    m.eval()
+    x, y, w = Examples(generate('copy', 256, 4, rng), 8, 256).batch(0)
+    res = data.answer_metrics(m, x, y, w, 8, 8)
+    return res[4] / res[2]
+
+
+def test_tiny_rmt_learns_copy_that_baseline_cannot():
+    rmt, base = train_tiny('rmt'), train_tiny('baseline', steps=100)
+    assert rmt > 0.9 and base < 0.3, (rmt, base)
+
+
+def test_ddp_two_processes_equal_one_process():
+    with tempfile.TemporaryDirectory() as d:
+        common = ['--dropout', '0', '--max_iters', '3', '--eval_interval', '3',
+                  '--eval_examples', '8', '--device', 'cpu', '--n_layer', '2']
+        r1 = run('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+                 *common, '--batch_size', '4', '--out_dir', f'{d}/ddp')
+        r2 = run('train.py', *common, '--batch_size', '8', '--out_dir', f'{d}/one')
+        assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-2000:] + r2.stderr[-2000:]
+        a = torch.load(f'{d}/ddp/ckpt.pt', weights_only=True)['model']
+        b = torch.load(f'{d}/one/ckpt.pt', weights_only=True)['model']
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
 # ----------------------------------------------------------------------------- command line

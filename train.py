@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -39,11 +38,11 @@ class TrainConfig:
     warmup_iters: int = 0      # cosine: linear warm-up steps
     patience: int = 4          # plateau: evaluations without improvement before halving the lr
     grad_clip: float = 0.25    # max gradient norm (0 = off)
-    max_iters: int = 1500      # optimizer steps
-    eval_interval: int = 250   # steps between validations (and checkpoints)
+    max_iters: int = 4000      # optimizer steps
+    eval_interval: int = 500   # steps between validations (and checkpoints)
     eval_examples: int = 1000  # algorithmic tasks: examples per evaluation (0 = whole split)
     eval_tokens: int = 0       # LM tasks: tokens per rank per evaluation (0 = whole split)
-    log_interval: int = 50     # steps between log lines
+    log_interval: int = 250    # steps between log lines
     seed: int = 1337
     device: str = 'auto'       # auto | cpu | cuda | cuda:N
     out_dir: str = 'out'       # checkpoints: ckpt.pt (latest), best.pt (best validation)
@@ -256,9 +255,10 @@ def main(argv):
             if not algo:
                 loaders['train'].load_state_dict(ckpt['loader'])
     raw = model
-    if ddp:  # RMT's initial memory goes unused once a stream carries memory
+    if ddp:  # no buffers to broadcast: memory is passed in and out of forward
+        # LM streams carry RMT memory from step to step, so the initial memory goes unused
         model = DDP(model, device_ids=[device] if device != 'cpu' else None,
-                    broadcast_buffers=False, find_unused_parameters=mcfg.n_mem_tokens > 0)
+                    find_unused_parameters=mcfg.n_mem_tokens > 0 and not algo)
 
     # ------------------------------------------------------------------------- helpers
     def reduce(vals):
@@ -274,22 +274,16 @@ def main(argv):
         match. LM: token-weighted NLL over this rank's streams -> bpc or perplexity."""
         raw.eval()
         if algo:
-            A, S = spec['ans_len'], spec['score_len']
             sums = [0.0] * 6
             for x, y, w in loaders[split].eval_batches(4 * tcfg.batch_size,
-                                                       tcfg.eval_examples // world or None):
-                x, y, w = x.to(device), y.to(device), w.to(device)
-                logits, _ = raw(x)
-                nll = F.cross_entropy(logits.transpose(1, 2), y, reduction='none')
-                gen = raw.generate(x[:, :x.size(1) - A + 1], A)       # memory carried, greedy
-                free = gen[:, -S:] == y[:, -S:]
-                sums = [a + b for a, b in zip(sums, [
-                    (nll * w).sum().item(), w.sum().item(), len(x) * S,
-                    (logits[:, -S:].argmax(-1) == y[:, -S:]).sum().item(),
-                    free.sum().item(), free.all(1).sum().item()])]
+                                                       tcfg.eval_examples or None):
+                batch = data.answer_metrics(raw, x.to(device), y.to(device), w.to(device),
+                                            spec['ans_len'], spec['score_len'])
+                sums = [a + b for a, b in zip(sums, batch)]
             nll, n, n_ans, tf, fr, em = reduce(sums)
-            res = dict(loss=nll / n, acc_tf=tf / n_ans, acc_free=fr / n_ans,
-                       exact=em / (n_ans / S), n=int(n_ans / S))
+            n_ex = n_ans / spec['score_len']
+            res = dict(loss=nll / n, acc_tf=tf / n_ans, acc_free=fr / n_ans, exact=em / n_ex,
+                       n=int(n_ex))
         else:
             state, nll, n = None, 0.0, 0
             for x, y in loaders[split].eval_windows(mcfg.seg_len, tcfg.eval_tokens or None):
