@@ -39,6 +39,8 @@ class ModelConfig:
     n_mem_tokens: int = 12     # mt, rmt, xl_rmt: memory slots (M)
     bptt_depth: int = -1       # rmt: segments the gradient reaches back (0 = none, -1 = all)
     clamp_len: int = 0         # > 0: cap |distance| in the positional term
+    cutoffs: tuple = ()        # adaptive softmax cluster starts (wt103); () = full softmax
+    aux_mem_loss: float = 0.0  # rmt, xl_rmt: weight of the auxiliary memory loss (paper: 0.01)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -52,6 +54,8 @@ class ModelConfig:
             self.n_mem_tokens = 0
         elif self.n_mem_tokens < 1:
             raise ValueError(f'--arch {self.arch} needs --n_mem_tokens >= 1')
+        if self.aux_mem_loss and self.arch not in ('rmt', 'xl_rmt'):
+            raise ValueError('--aux_mem_loss needs --arch rmt or xl_rmt')
         if self.seg_len < 1:
             raise ValueError('--seg_len must be >= 1')
         if self.bptt_depth < -1:
@@ -138,7 +142,7 @@ class Block(nn.Module):
 
 class MemTransformer(nn.Module):
     """Decoder-only Transformer with relative positions and optional XL cache / memory tokens.
-    forward(idx, state, targets) -> (logits (B, T, V) or per-token NLL (B, T), new state)."""
+    forward(idx, state, targets) -> (log-probs (B, T, V) or per-token NLL (B, T), new state)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -153,6 +157,9 @@ class MemTransformer(nn.Module):
         self.mem_init = nn.Parameter(torch.zeros(cfg.n_mem_tokens, C)) if cfg.n_mem_tokens else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # output weights = tok_emb
+        # word-level LM: adaptive softmax (Grave et al. 2017); not tied to tok_emb (see README)
+        self.asm = nn.AdaptiveLogSoftmaxWithLoss(C, cfg.vocab_size, list(cfg.cutoffs)) \
+            if cfg.cutoffs else None
         self.apply(self._init)
         for p in (self.u, self.v):
             nn.init.normal_(p, std=0.02)
@@ -194,11 +201,29 @@ class MemTransformer(nn.Module):
         cache = memory.update_cache(cache, hids, cfg.mem_len)
         mem = memory.write_memory(h, n_write)
         new_state = None if cache is None and mem is None else memory.State(cache, mem)
-        logits = F.linear(h[:, n_read:n_read + T], self.tok_emb.weight, self.out_bias)  # (B,T,V)
+        out = h[:, n_read:n_read + T]                                            # (B, T, C)
         if targets is None:
-            return logits, new_state
-        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction='none')
-        return nll.view(B, T), new_state
+            return self.log_probs(out), new_state                                # (B, T, V)
+        nll = self.nll(out, targets)                                             # (B, T)
+        if self.training and cfg.aux_mem_loss:
+            # RMT paper's auxiliary loss: write memory predicts a fixed token (id 0) through the
+            # LM head; spread over the segment's tokens so that the mean adds weight * aux
+            aux = self.nll(mem, torch.zeros(mem.shape[:2], dtype=torch.long, device=mem.device))
+            nll = nll + cfg.aux_mem_loss * aux.mean(1, keepdim=True)
+        return nll, new_state
+
+    def log_probs(self, h):
+        """Log-probabilities (B, T, V): tied output layer with bias, or the adaptive softmax."""
+        if self.asm is not None:
+            return self.asm.log_prob(h.flatten(0, 1)).view(*h.shape[:2], -1)
+        return F.log_softmax(F.linear(h, self.tok_emb.weight, self.out_bias), -1)
+
+    def nll(self, h, targets):
+        """Per-position negative log-likelihood (B, T) of targets."""
+        if self.asm is not None:
+            return -self.asm(h.flatten(0, 1), targets.flatten()).output.view(targets.shape)
+        logits = F.linear(h, self.tok_emb.weight, self.out_bias)                 # (B, T, V)
+        return F.cross_entropy(logits.transpose(1, 2), targets, reduction='none')
 
     @torch.no_grad()
     def generate(self, prompt, n_new, state=None, temperature=0.0, top_k=None):

@@ -562,6 +562,48 @@ def test_ddp_two_processes_equal_one_process():
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
+# ----------------------------------------------------------------------------- language modelling
+
+
+def test_adaptive_softmax_log_probs_normalised_and_loss_matches():
+    m = tiny('xl', vocab_size=50, cutoffs=(10, 30))
+    x, y = torch.randint(0, 50, (2, 10)), torch.randint(0, 50, (2, 10))
+    logp, _ = m(x)
+    assert torch.allclose(logp.exp().sum(-1), torch.ones(2, 10), atol=1e-5)
+    nll, _ = m(x, None, y)
+    assert torch.allclose(nll, -logp.gather(-1, y[..., None])[..., 0], atol=1e-5)
+
+
+def test_uniform_model_has_8_bpc_and_eval_reports_protocol():
+    from dataclasses import asdict
+    from train import TrainConfig
+    with tempfile.TemporaryDirectory() as d:
+        with open(f'{d}/corpus.txt', 'wb') as f:
+            f.write(bytes(np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8)))
+        cfg = ModelConfig(arch='xl', vocab_size=256, n_layer=1, d_model=16, n_head=2, d_head=8,
+                          d_inner=32, seg_len=16, mem_len=16, bptt_depth=0)
+        m = MemTransformer(cfg)
+        torch.nn.init.zeros_(m.tok_emb.weight)         # every logit 0: uniform over 256 bytes
+        tc = TrainConfig(task='text', data_path=f'{d}/corpus.txt', batch_size=4)
+        torch.save(dict(model=m.state_dict(), model_cfg=asdict(cfg), train_cfg=asdict(tc)),
+                   f'{d}/u.pt')
+        r = run('train.py', '--mode', 'eval', '--init_from', f'{d}/u.pt', '--mem_len', '48',
+                '--eval_tokens', '640')
+        assert r.returncode == 0, r.stderr
+        assert 'mem_len 48' in r.stdout and 'seg_len 16' in r.stdout, r.stdout
+        for line in r.stdout.splitlines()[1:]:
+            assert 'bpc 8.0000' in line and 'n 640' in line, r.stdout
+
+
+def test_sampling_length_and_seed_determinism():
+    m = tiny('rmt', vocab_size=40).eval()
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        outs.append(m.generate(torch.tensor([[3, 4, 5]]), 17, temperature=0.9, top_k=5))
+    assert outs[0].shape == (1, 17) and torch.equal(outs[0], outs[1])
+
+
 # ----------------------------------------------------------------------------- command line
 
 

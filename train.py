@@ -71,6 +71,23 @@ PRESETS = {
     'sqeq_cpu': dict(task='sqeq', seg_len=30, n_mem_tokens=30, mem_len=30, batch_size=32,
                      eval_examples=500),
 }
+# language modelling: the RMT paper's enwik8 / WikiText-103 base models (SPEC §6) ...
+LM = dict(dropout=0.1, schedule='cosine', bptt_depth=1, eval_tokens=0, log_interval=200)
+PRESETS['enwik8'] = dict(LM, task='enwik8', n_layer=12, d_model=512, n_head=8, d_head=64,
+                         d_inner=2048, lr=2.5e-4, batch_size=22, max_iters=400_000,
+                         eval_interval=4000, seg_len=128, mem_len=128, n_mem_tokens=10)
+PRESETS['text'] = dict(PRESETS['enwik8'], task='text')
+PRESETS['wt103'] = dict(LM, task='wt103', n_layer=16, d_model=410, n_head=10, d_head=41,
+                        d_inner=2100, lr=2.5e-4, batch_size=60, max_iters=200_000,
+                        eval_interval=4000, seg_len=150, mem_len=150, n_mem_tokens=25,
+                        bptt_depth=2)
+# ... and small ones that show learning on two CPU cores in minutes
+PRESETS['enwik8_cpu'] = dict(LM, task='enwik8', n_layer=4, d_model=128, n_head=4, d_head=32,
+                             d_inner=512, lr=1e-3, warmup_iters=100, batch_size=16,
+                             max_iters=2000, eval_interval=500, eval_tokens=20_000,
+                             seg_len=64, mem_len=64, n_mem_tokens=8, log_interval=100)
+PRESETS['text_cpu'] = dict(PRESETS['enwik8_cpu'], task='text')
+PRESETS['wt103_cpu'] = dict(PRESETS['enwik8_cpu'], task='wt103', seg_len=32, mem_len=32)
 
 
 def die(msg):
@@ -98,7 +115,8 @@ def parse_flags(argv):
         try:
             if types[name] is bool:
                 val = {'true': True, '1': True, 'false': False, '0': False}[val.lower()]
-            given[name] = types[name](val)
+            given[name] = tuple(int(v) for v in val.split(',') if v) if types[name] is tuple \
+                else types[name](val)
         except (KeyError, ValueError):
             die(f"--{name} expects a {types[name].__name__}, got '{val}'")
         i += 1
@@ -125,7 +143,9 @@ def make_configs(given, ckpt=None):
         if tcfg.task not in data.ALGO_TASKS + data.LM_TASKS:
             raise ValueError(f"unknown task '{tcfg.task}': use one of "
                              + ', '.join(data.ALGO_TASKS + data.LM_TASKS))
-        if tcfg.mode not in ('train', 'eval', 'sample', 'bench'):
+        if tcfg.mode == 'sample' and tcfg.task not in data.LM_TASKS:
+            raise ValueError('--mode sample needs a language-modelling task (enwik8, wt103, text)')
+        if tcfg.mode not in ('train', 'eval', 'sample'):
             raise ValueError(f"unknown mode '{tcfg.mode}': use train, eval or sample")
         if tcfg.schedule not in ('plateau', 'cosine'):
             raise ValueError(f"unknown schedule '{tcfg.schedule}': use plateau or cosine")
@@ -221,7 +241,7 @@ def main(argv):
             if ddp:
                 dist.barrier()                   # rank 0 prepares the files, the others wait
             corpus = data.load_corpus(tcfg.task, tcfg.data_dir, tcfg.data_path or None)
-            mcfg.vocab_size = corpus.vocab_size
+            mcfg.vocab_size, mcfg.cutoffs = corpus.vocab_size, tuple(corpus.cutoffs or ())
             window = mcfg.seg_len * (mcfg.bptt_depth + 1)   # BPTT-k: k+1 segments per step
             loaders = {s: data.Stream(getattr(corpus, s), tcfg.batch_size, window, rank, world)
                        for s in ('train', 'val', 'test')}
