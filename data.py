@@ -28,6 +28,12 @@ class DataError(Exception):
     """A data problem the user can fix; the one-line message names the fix."""
 
 
+def _shifted(rows):
+    """(B, w+1) token rows -> int64 tensors x, y (B, w): y is x shifted by one token."""
+    t = torch.from_numpy(np.array(rows, dtype=np.int64))
+    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
 # ----------------------------------------------------------------------------- algorithmic tasks
 
 def task_spec(task, seq_len):
@@ -42,17 +48,6 @@ def task_spec(task, seq_len):
     if task == 'sqeq':  # loss on the whole worked solution, exact match on the answer block only
         return dict(vocab_size=24, ans_len=150, score_len=30)
     raise DataError(f'unknown algorithmic task {task!r}: use one of {", ".join(ALGO_TASKS)}')
-
-
-def _retrieval(n, rng):
-    """k1 v1 .. k4 v4 q 10 v_q: 4 distinct letter keys (ids 11..36) with distinct digit values."""
-    keys = np.argsort(rng.random((n, 26)), axis=1)[:, :4] + 11
-    vals = np.argsort(rng.random((n, 10)), axis=1)[:, :4]
-    q, rows = rng.integers(0, 4, n), np.arange(n)
-    seq = np.empty((n, 11), np.int64)
-    seq[:, 0:8:2], seq[:, 1:8:2] = keys, vals
-    seq[:, 8], seq[:, 9], seq[:, 10] = keys[rows, q], 10, vals[rows, q]
-    return seq
 
 
 SQEQ_CHARS = '0123456789+-*/^=()xD;,'  # ids 2..23 in this order; 0 pads, 1 is unused
@@ -82,8 +77,22 @@ def _sqeq_text(k, b, c):
             f'x=({-b}+{s})/2={r2}', f'{r1}' if r1 == r2 else f'{r1},{r2}']
 
 
-def _sqeq(n, rng):
-    """Six 30-char blocks: 80% with integer roots in [-99, 99], 20% with b^2 - 4c < 0."""
+def generate(task, n, seq_len, rng):
+    """n full sequences (n, L) int64 as SPEC §5; input = seq[:, :-1], target = seq[:, 1:]."""
+    spec = task_spec(task, seq_len)  # validates task and seq_len
+    if task in ('copy', 'reverse'):  # X ++ [1] ++ X ++ X  or  X ++ [1] ++ reversed(X)
+        x = rng.integers(2, spec['vocab_size'], (n, seq_len))
+        start = np.ones((n, 1), np.int64)
+        return np.concatenate([x, start, x, x] if task == 'copy' else [x, start, x[:, ::-1]], 1)
+    if task == 'retrieval':  # k1 v1 .. k4 v4 q 10 v_q: distinct letter keys 11..36, digit values
+        keys = np.argsort(rng.random((n, 26)), axis=1)[:, :4] + 11
+        vals = np.argsort(rng.random((n, 10)), axis=1)[:, :4]
+        q, rows = rng.integers(0, 4, n), np.arange(n)
+        seq = np.empty((n, 11), np.int64)
+        seq[:, 0:8:2], seq[:, 1:8:2] = keys, vals
+        seq[:, 8], seq[:, 9], seq[:, 10] = keys[rows, q], 10, vals[rows, q]
+        return seq
+    # sqeq, six 30-char blocks: 80% with integer roots in [-99, 99], 20% with b^2 - 4c < 0
     k = rng.integers(1, 11, n) * rng.choice([-1, 1], n)
     r = rng.integers(-99, 100, (n, 2))
     b, c = -r.sum(1), r[:, 0] * r[:, 1]
@@ -95,16 +104,6 @@ def _sqeq(n, rng):
     text = ''.join(''.join(block.ljust(30) for block in _sqeq_text(*kbc))
                    for kbc in zip(k.tolist(), b.tolist(), c.tolist()))
     return _SQEQ_IDS[np.frombuffer(text.encode(), np.uint8)].reshape(n, 180)
-
-
-def generate(task, n, seq_len, rng):
-    """n full sequences (n, L) int64 as SPEC §5; input = seq[:, :-1], target = seq[:, 1:]."""
-    spec = task_spec(task, seq_len)  # validates task and seq_len
-    if task in ('copy', 'reverse'):  # X ++ [1] ++ X ++ X  or  X ++ [1] ++ reversed(X)
-        x = rng.integers(2, spec['vocab_size'], (n, seq_len))
-        start = np.ones((n, 1), np.int64)
-        return np.concatenate([x, start, x, x] if task == 'copy' else [x, start, x[:, ::-1]], 1)
-    return _retrieval(n, rng) if task == 'retrieval' else _sqeq(n, rng)
 
 
 def make_splits(task, seq_len, seed, sizes=None):
@@ -146,9 +145,7 @@ class Examples:
         self._epoch, self._perm = None, None
 
     def _xyw(self, rows):
-        x = torch.from_numpy(np.ascontiguousarray(rows[:, :-1], dtype=np.int64))
-        y = torch.from_numpy(np.ascontiguousarray(rows[:, 1:], dtype=np.int64))
-        return x, y, torch.from_numpy(np.tile(self.w, (len(rows), 1)))
+        return *_shifted(rows), torch.from_numpy(np.tile(self.w, (len(rows), 1)))
 
     def batch(self, i):
         """Micro-batch i (a global counter): int64 x, y and float32 w, each (B, L-1)."""
@@ -167,11 +164,9 @@ class Examples:
 
 
 def answer_metrics(model, x, y, w, ans_len, score_len):
-    """The three metrics of the algorithmic tasks on one batch, as sums to add up over batches and
-    ranks: [answer NLL, answer tokens, scored tokens, teacher-forced correct, free-running correct,
-    exact matches]. Teacher-forced: argmax with the true prefix. Free-running: greedy generation
-    of the whole answer from the prompt before it, memory carried across segment boundaries,
-    no ground truth fed back. Exact match: every scored token of the free-running answer right."""
+    """Sums to add up over batches and ranks: [answer NLL, answer tokens, scored tokens,
+    teacher-forced correct (argmax after the true prefix), free-running correct (greedy generation
+    of the answer, memory carried, no ground truth fed back), exact matches (all scored right)]."""
     logits, _ = model(x)                                                         # (B, T, V)
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction='none')
     gen = model.generate(x[:, :x.size(1) - ans_len + 1], ans_len)               # (B, A)
@@ -216,7 +211,8 @@ class Corpus:
 
 
 def _download(url, path):
-    """Fetch url to path (unless there already) through path.part, renamed only when complete."""
+    """Fetch url to path (unless there already) through path.part, renamed only when complete:
+    an interrupted download never passes for the real file."""
     if os.path.exists(path):
         return
     tmp = path + '.part'
@@ -237,19 +233,21 @@ def _download(url, path):
     os.replace(tmp, path)
 
 
-def _zip_lines(path, member, url, text):
+def _damaged(zpath, url, why):
+    return DataError(f'{zpath} {why}: delete it and rerun, or download {url} by hand to {zpath}')
+
+
+def _zip_lines(zpath, member, url, text):
     """Lines (str if text else bytes) of a zip member, read lazily: wiki.train.tokens is 0.5 GB."""
     try:
-        with zipfile.ZipFile(path) as zf, zf.open(member) as f:
+        with zipfile.ZipFile(zpath) as zf, zf.open(member) as f:
             yield from io.TextIOWrapper(f, encoding='utf-8') if text else f
     except (zipfile.BadZipFile, KeyError, EOFError, zlib.error, UnicodeDecodeError) as e:
-        raise DataError(f'{path} is damaged or not the expected archive ({e}): delete it and rerun,'
-                        f' or download {url} by hand to {path}') from None
+        raise _damaged(zpath, url, f'is damaged or not the expected archive ({e})') from None
 
 
-def _split_90_5_5(ids):
-    a, b = len(ids) - 2 * (len(ids) // 20), len(ids) - len(ids) // 20
-    return ids[:a], ids[a:b], ids[b:]
+def _split_90_5_5(ids):  # views, no copies
+    return np.split(ids, [len(ids) - 2 * (len(ids) // 20), len(ids) - len(ids) // 20])
 
 
 def _load_meta(out):
@@ -264,67 +262,56 @@ def _load_meta(out):
         return None
 
 
-def _store(out, splits, **meta):
-    """Write the splits, then meta.json last and atomically: it marks the directory as complete."""
-    for split, ids in splits.items():
-        ids.tofile(os.path.join(out, f'{split}.bin'))
-    meta.update(dtype=str(ids.dtype), sizes={split: len(ids) for split, ids in splits.items()})
-    with open(os.path.join(out, 'meta.json.tmp'), 'w') as f:
-        json.dump(meta, f, indent=1)
-    os.replace(os.path.join(out, 'meta.json.tmp'), os.path.join(out, 'meta.json'))
-
-
-def _prepare_enwik8(out):
-    zpath = os.path.join(out, 'enwik8.zip')  # a zip put here by hand is used as is
-    _download(ENWIK8_URL, zpath)
-    data = b''.join(_zip_lines(zpath, 'enwik8', ENWIK8_URL, text=False))
-    if len(data) != ENWIK8_SIZE:
-        raise DataError(f'{zpath} unzips to {len(data):,} bytes, not {ENWIK8_SIZE:,}: delete it '
-                        f'and rerun, or download {ENWIK8_URL} by hand to {zpath}')
-    splits = dict(zip(SPLITS, _split_90_5_5(np.frombuffer(data, np.uint8))))
-    _store(out, splits, task='enwik8', vocab_size=256, source=ENWIK8_URL)
-
-
-def _prepare_wt103(out):
-    url = os.environ.get('WT103_URL', WT103_URL)
-    zpath = os.path.join(out, 'wikitext-103-v1.zip')  # a zip put here by hand is used as is
-    _download(url, zpath)
-    members = {s: f'wikitext-103/wiki.{s.replace("val", "valid")}.tokens' for s in SPLITS}
-    # Transformer-XL tokenisation: line.split() + ['<eos>'] for every line, empty ones included;
-    # ids by descending training frequency (ties: first seen), as the adaptive softmax needs.
-    print(f'building the vocabulary from {members["train"]}')
-    counts = Counter()
-    for line in _zip_lines(zpath, members['train'], url, text=True):
-        counts.update(line.split())
-        counts['<eos>'] += 1
-    counts.setdefault('<unk>', 0)  # WikiText has <unk> already; OOV words in val/test need one
-    itos = [w for w, _ in counts.most_common()]
-    stoi = {w: i for i, w in enumerate(itos)}
-    unk, eos, splits = stoi['<unk>'], stoi['<eos>'], {}
-    for split, member in members.items():
-        print(f'encoding {member}')
-        ids = array.array('i')  # 4 bytes per id: 103M ids as a Python list would need ~4 GB
-        for line in _zip_lines(zpath, member, url, text=True):
-            ids.extend([stoi.get(w, unk) for w in line.split()] + [eos])
-        splits[split] = np.frombuffer(ids, np.intc)  # C int: int32 on every common platform
-    with open(os.path.join(out, 'vocab.txt'), 'w', encoding='utf-8') as f:
-        f.write(''.join(w + '\n' for w in itos))
-    _store(out, splits, task='wt103', vocab_size=len(itos), source=url)
-
-
 def prepare(task, data_dir='data', data_path=None):
-    """Download (if needed), verify, split and store a corpus under data_dir/task; its meta."""
+    """Download (a zip put in data_dir/task by hand is used as is), verify, split and store a
+    corpus under data_dir/task, unless done already; returns its meta."""
     if task == 'text':  # nothing to store: the file is read in place, this only checks it
         load_corpus(task, data_dir, data_path)
         return None
     if task not in LM_TASKS:
         raise DataError(f'unknown language-modelling task {task!r}: use one of {LM_TASKS}')
-    out = os.path.join(data_dir, task)
-    if _load_meta(out) is None:
-        os.makedirs(out, exist_ok=True)
-        if os.path.exists(os.path.join(out, 'meta.json')):  # stale: must not vouch for new files
-            os.remove(os.path.join(out, 'meta.json'))
-        (_prepare_enwik8 if task == 'enwik8' else _prepare_wt103)(out)
+    out, mpath = os.path.join(data_dir, task), os.path.join(data_dir, task, 'meta.json')
+    if (meta := _load_meta(out)) is not None:
+        return meta
+    os.makedirs(out, exist_ok=True)
+    if os.path.exists(mpath):  # stale: must not vouch for the new files while they are written
+        os.remove(mpath)
+    url = ENWIK8_URL if task == 'enwik8' else os.environ.get('WT103_URL', WT103_URL)
+    zpath = os.path.join(out, 'enwik8.zip' if task == 'enwik8' else 'wikitext-103-v1.zip')
+    _download(url, zpath)
+    if task == 'enwik8':
+        raw = b''.join(_zip_lines(zpath, 'enwik8', url, text=False))
+        if len(raw) != ENWIK8_SIZE:
+            raise _damaged(zpath, url, f'unzips to {len(raw):,} bytes, not {ENWIK8_SIZE:,}')
+        splits, vocab_size = dict(zip(SPLITS, _split_90_5_5(np.frombuffer(raw, np.uint8)))), 256
+    else:
+        members = {s: f'wikitext-103/wiki.{s.replace("val", "valid")}.tokens' for s in SPLITS}
+        # Transformer-XL tokenisation: line.split() + ['<eos>'] for every line, empty ones
+        # included; ids by descending training frequency (ties: first seen) for adaptive softmax.
+        print(f'building the vocabulary from {members["train"]}')
+        counts = Counter()
+        for line in _zip_lines(zpath, members['train'], url, text=True):
+            counts.update(line.split())
+            counts['<eos>'] += 1
+        counts.setdefault('<unk>', 0)  # WikiText has <unk> already; OOV words in val/test need it
+        itos = [w for w, _ in counts.most_common()]
+        stoi = {w: i for i, w in enumerate(itos)}
+        unk, eos, splits, vocab_size = stoi['<unk>'], stoi['<eos>'], {}, len(itos)
+        for split, member in members.items():
+            print(f'encoding {member}')
+            ids = array.array('i')  # 4 bytes per id: 103M ids as a Python list would need ~4 GB
+            for line in _zip_lines(zpath, member, url, text=True):
+                ids.extend([stoi.get(w, unk) for w in line.split()] + [eos])
+            splits[split] = np.frombuffer(ids, np.intc)  # C int: int32 on every common platform
+        with open(os.path.join(out, 'vocab.txt'), 'w', encoding='utf-8') as f:
+            f.write(''.join(w + '\n' for w in itos))
+    for split, ids in splits.items():
+        ids.tofile(os.path.join(out, f'{split}.bin'))
+    # meta.json goes last and atomically: it marks the directory as complete
+    with open(mpath + '.tmp', 'w') as f:
+        json.dump(dict(task=task, vocab_size=vocab_size, source=url, dtype=str(ids.dtype),
+                       sizes={s: len(ids) for s, ids in splits.items()}), f, indent=1)
+    os.replace(mpath + '.tmp', mpath)
     return _load_meta(out)
 
 
@@ -359,11 +346,6 @@ class Stream:
         self.data = rows[rank * batch_size:(rank + 1) * batch_size]  # (B, n)
         self.B, self.window, self.pos = batch_size, window, 0
 
-    def _xy(self, pos, w):
-        x = torch.from_numpy(self.data[:, pos:pos + w].astype(np.int64))
-        y = torch.from_numpy(self.data[:, pos + 1:pos + w + 1].astype(np.int64))
-        return x, y  # (B, w) each, y = x shifted by one within each stream
-
     def next(self):
         """The next (B, window) x and y; wraps to the start when the streams are used up."""
         n = self.data.shape[1]
@@ -372,7 +354,7 @@ class Stream:
                             f'{self.window} + 1: lower batch_size or seg_len')
         pos = self.pos if self.pos + self.window < n else 0  # wrap: start the streams again
         self.pos = pos + self.window
-        return self._xy(pos, self.window)
+        return _shifted(self.data[:, pos:pos + self.window + 1])
 
     def state_dict(self):
         return {'pos': self.pos}
@@ -388,7 +370,7 @@ class Stream:
             w = min(window, n - 1 - pos)
             if max_tokens is not None:
                 w = min(w, -(-(max_tokens - done) // self.B))  # ceil: stop within B of the cap
-            yield self._xy(pos, w)
+            yield _shifted(self.data[:, pos:pos + w + 1])
             pos, done = pos + w, done + w * self.B
 
 

@@ -6,7 +6,6 @@ import contextlib
 import http.client
 import io
 import os
-import runpy
 import subprocess
 import sys
 import tempfile
@@ -144,119 +143,84 @@ def test_xl_cache_is_fifo_detached_and_mem_len_long():
 
 # ----------------------------------------------------------------------------- data: algorithmic
 
-def test_task_spec_values():
+def _raises(fn, *args):
+    """The one-line DataError message of fn(*args), which must raise one."""
+    try:
+        fn(*args)
+    except DataError as e:
+        assert '\n' not in str(e), str(e)
+        return str(e)
+    assert False, args
+
+
+def test_task_spec_and_copy_reverse_retrieval_formats():
     assert task_spec('copy', 24) == dict(vocab_size=12, ans_len=48, score_len=48)
-    assert task_spec('copy', 120) == dict(vocab_size=10, ans_len=240, score_len=240)
-    assert task_spec('reverse', 40) == dict(vocab_size=12, ans_len=40, score_len=40)
+    assert task_spec('copy', 120)['vocab_size'] == 10 and task_spec('reverse', 40)['ans_len'] == 40
     assert task_spec('retrieval', 0) == dict(vocab_size=37, ans_len=1, score_len=1)
     assert task_spec('sqeq', 0) == dict(vocab_size=24, ans_len=150, score_len=30)
     for bad in (('copy', 0), ('enwik8', 24), ('nope', 24)):
-        try:
-            task_spec(*bad)
-            assert False, bad
-        except DataError:
-            pass
-
-
-def test_copy_reverse_format():
+        _raises(task_spec, *bad)
     rng = np.random.default_rng(0)
     for S, V in ((24, 12), (120, 10)):
-        c = generate('copy', 300, S, rng)
-        assert c.shape == (300, 3 * S + 1) and c.dtype == np.int64
-        row = c[0].tolist()
-        assert row == row[:S] + [1] + row[:S] + row[:S]  # X ++ [1] ++ X ++ X
-        x = c[:, :S]
-        assert (c[:, S + 1:2 * S + 1] == x).all() and (c[:, 2 * S + 1:] == x).all()
-        assert x.min() == 2 and x.max() == V - 1  # symbols are exactly ids 2..V-1
-        r = generate('reverse', 300, S, rng)
-        row = r[0].tolist()
-        assert r.shape == (300, 2 * S + 1) and row == row[:S] + [1] + row[:S][::-1]
-        assert (r[:, S] == 1).all() and (r[:, S + 1:] == r[:, S - 1::-1]).all()
-    # the loss mask (last ans_len targets) covers exactly the answer
-    S = 5
-    c = generate('copy', 1, S, rng)
-    assert (c[:, 1:][:, -task_spec('copy', S)['ans_len']:] == c[:, S + 1:]).all()
+        c, r = generate('copy', 300, S, rng), generate('reverse', 300, S, rng)
+        x, one = c[:, :S], np.ones((300, 1), np.int64)
+        assert c.dtype == r.dtype == np.int64 and x.min() == 2 and x.max() == V - 1  # ids 2..V-1
+        assert np.array_equal(c, np.concatenate([x, one, x, x], 1))  # X ++ [1] ++ X ++ X
+        assert np.array_equal(r, np.concatenate([r[:, :S], one, r[:, S - 1::-1]], 1))  # reversed
+        assert [task_spec(t, S)['ans_len'] for t in ('copy', 'reverse')] == \
+            [c.shape[1] - S - 1, r.shape[1] - S - 1]  # the loss covers exactly the answer
+    s = generate('retrieval', 500, 0, rng)  # k1 v1 .. k4 v4 q 10 v_q
+    keys, vals, hit = np.sort(s[:, 0:8:2]), np.sort(s[:, 1:8:2]), s[:, 0:8:2] == s[:, 8:9]
+    assert s.shape == (500, 11) and s.dtype == np.int64 and (s[:, 9] == 10).all()
+    assert (np.diff(keys) > 0).all() and keys.min() >= 11 and keys.max() <= 36  # distinct letters
+    assert (np.diff(vals) > 0).all() and vals.min() >= 0 and vals.max() <= 9  # distinct digits
+    assert (hit.sum(1) == 1).all() and (s[:, 1:8:2][hit] == s[:, 10]).all()  # q is a key; its v
 
 
-def test_retrieval_format():
-    s = generate('retrieval', 500, 0, np.random.default_rng(0))
-    assert s.shape == (500, 11) and s.dtype == np.int64
-    for row in s.tolist():
-        keys, vals, q = row[0:8:2], row[1:8:2], row[8]
-        assert len(set(keys)) == 4 and all(11 <= k <= 36 for k in keys)
-        assert len(set(vals)) == 4 and all(0 <= v <= 9 for v in vals)
-        assert q in keys and row[9] == 10 and row[10] == vals[keys.index(q)]
-
-
-def _sqeq_str(ids):
-    return ''.join('_' if i == 0 else SQEQ_CHARS[i - 2] for i in ids)
-
-
-def test_sqeq_text_examples():
+def test_sqeq_text_and_generated_solutions():
     t = data._sqeq_text
     assert t(-4, -98, 552) == ['-4*x^2+392*x-2208=0', 'x^2-98*x+552=0', 'D=98^2-4*1*552=7396=86^2',
                                'x=(98-86)/2=6', 'x=(98+86)/2=92', '6,92']  # SPEC §5
-    assert t(-1, 3, 2) == ['-x^2-3*x-2=0', 'x^2+3*x+2=0', 'D=3^2-4*1*2=1=1^2', 'x=(-3-1)/2=-2',
-                           'x=(-3+1)/2=-1', '-2,-1']
+    assert t(-1, 0, -4)[:3] == ['-x^2+4=0', 'x^2-4=0', 'D=0^2+4*1*4=16=4^2']  # 1*, 0 terms go
     assert t(2, -10, 25)[2:] == ['D=10^2-4*1*25=0=0^2', 'x=(10-0)/2=5', 'x=(10+0)/2=5', '5']
-    assert t(1, 0, -4) == ['x^2-4=0', 'x^2-4=0', 'D=0^2+4*1*4=16=4^2', 'x=(0-4)/2=-2',
-                           'x=(0+4)/2=2', '-2,2']
-    assert t(3, 1, 1) == ['3*x^2+3*x+3=0', 'x^2+x+1=0', 'D=1^2-4*1*1=-3', '', '', '']
-    # char ids: digits 2..11, '+-*/^=()xD;,' 12..23
+    assert t(3, 1, 1) == ['3*x^2+3*x+3=0', 'x^2+x+1=0', 'D=1^2-4*1*1=-3', '', '', '']  # no roots
     assert data._SQEQ_IDS[np.frombuffer(b'09+-*/^=()xD;, ', np.uint8)].tolist() == \
-        [2, 11] + list(range(12, 24)) + [0]
-
-
-def test_sqeq_generated_solutions_are_right():
+        [2, 11] + list(range(12, 24)) + [0]  # digits 2..11, '+-*/^=()xD;,' 12..23, padding 0
     s = generate('sqeq', 2000, 0, np.random.default_rng(0))
     assert s.shape == (2000, 180) and s.dtype == np.int64
-    assert set(np.unique(s).tolist()) <= {0} | set(range(2, 24))
+    assert set(np.unique(s).tolist()) <= {0, *range(2, 24)}  # padding or a character
 
     def f(expr, x):  # value of the left-hand side at x
         return eval(expr.split('=')[0].replace('^', '**').replace('x', f'({x})'))
-    n_none = 0
     for row in s.tolist():
-        blocks = [_sqeq_str(row[i:i + 30]).rstrip('_') for i in range(0, 180, 30)]
+        text = ''.join('_' if i == 0 else SQEQ_CHARS[i - 2] for i in row)
+        blocks = [text[i:i + 30].rstrip('_') for i in range(0, 180, 30)]
         assert all('_' not in b for b in blocks)  # left-aligned, padded at the end only
         prob, canon, disc, s1, s2, ans = blocks
         k = f(prob, 0.5) / f(canon, 0.5)
         assert k == round(k) and 1 <= abs(k) <= 10 and f(prob, 3.25) == k * f(canon, 3.25)
         d = int(disc.split('=')[2])
-        if ans == '':
-            n_none += 1
-            assert d < 0 and s1 == s2 == ''
-            continue
-        roots = [int(v) for v in ans.split(',')]
-        assert roots == sorted(set(roots)) and len(roots) == (1 if d == 0 else 2)
+        roots = [int(v) for v in ans.split(',')] if ans else []
+        assert len(roots) == (0 if d < 0 else 1 if d == 0 else 2) and roots == sorted(set(roots))
         assert all(-99 <= r <= 99 and f(canon, r) == 0 for r in roots)
-        assert int(s1.split('=')[-1]) == roots[0] and int(s2.split('=')[-1]) == roots[-1]
-    assert 0.17 < n_none / len(s) < 0.23  # ~20% without real roots
+        assert [int(b.split('=')[-1]) for b in (s1, s2) if b] == roots[:1] + roots[-1:]
+    assert 0.17 < (s[:, 150] == 0).mean() < 0.23  # ~20% without real roots: empty answer
 
 
 def test_make_splits_deterministic_and_disjoint():
     sizes = dict(train=3000, val=300, test=500)
     for task, S in (('copy', 5), ('reverse', 5), ('retrieval', 0), ('sqeq', 0)):
-        a, b = make_splits(task, S, 1, sizes), make_splits(task, S, 1, sizes)
-        c = make_splits(task, S, 2, sizes)
-        assert {k: v.shape[0] for k, v in a.items()} == sizes and a['train'].dtype == np.int64
+        a, b, c = (make_splits(task, S, seed, sizes) for seed in (1, 1, 2))
         assert all(split_checksum(a[k]) == split_checksum(b[k]) for k in a)
         assert split_checksum(a['train']) != split_checksum(c['train'])
         rows = {k: set(map(bytes, v.astype(np.uint8))) for k, v in a.items()}
-        assert all(len(rows[k]) == sizes[k] for k in rows)  # no duplicates inside a split either
-        assert not (rows['train'] & rows['val'] or rows['train'] & rows['test']
-                    or rows['val'] & rows['test'])
+        assert all(len(rows[k]) == sizes[k] == len(a[k]) for k in a)  # no duplicate in a split
+        assert len(set.union(*rows.values())) == sum(sizes.values())  # nor across splits
     # copy S=5 has 10^5 sequences: 3800 draws repeat some, so deduplication really ran
-    raw = generate('copy', 3800, 5, np.random.default_rng(1))
-    assert len(set(map(bytes, raw.astype(np.uint8)))) < 3800
-    # val and test do not depend on the training size
-    small = make_splits('copy', 5, 1, dict(train=100, val=300, test=500))
-    a = make_splits('copy', 5, 1, sizes)
-    assert np.array_equal(small['test'], a['test']) and np.array_equal(small['val'], a['val'])
-    try:  # copy with S=2 has only 100 distinct sequences
-        make_splits('copy', 2, 0, (100, 10, 10))
-        assert False
-    except DataError:
-        pass
+    assert len(set(map(bytes, generate('copy', 3800, 5, np.random.default_rng(1))))) < 3800
+    small, big = (make_splits('copy', 5, 1, (n, 300, 500)) for n in (100, 3000))
+    assert all(np.array_equal(small[k], big[k]) for k in ('val', 'test'))  # whatever train size
+    _raises(make_splits, 'copy', 2, 0, (100, 10, 10))  # only 100 distinct sequences
 
 
 def test_examples_rank_split_equals_one_process():
@@ -264,239 +228,148 @@ def test_examples_rank_split_equals_one_process():
     one = Examples(seqs, 8, 8, seed=3)
     ranks = [Examples(seqs, 8, 4, rank=r, world=2, seed=3) for r in (0, 1)]
     for i in range(14):  # 6 global batches per epoch: crosses two epoch boundaries
-        x, y, w = one.batch(i)
-        parts = [e.batch(i) for e in ranks]
-        for j in range(3):
-            assert torch.equal((x, y, w)[j], torch.cat([p[j] for p in parts]))
-        assert x.shape == y.shape == w.shape == (8, 12)
-        assert x.dtype == y.dtype == torch.int64 and w.dtype == torch.float32
-        assert torch.equal(x[:, 1:], y[:, :-1])
+        (x, y, w), parts = one.batch(i), [e.batch(i) for e in ranks]
+        assert all(torch.equal(t, torch.cat(ts)) for t, *ts in zip((x, y, w), *parts))
+        assert x.shape == w.shape == (8, 12) and x.dtype == y.dtype == torch.int64
+        assert torch.equal(x[:, 1:], y[:, :-1]) and w.dtype == torch.float32
         assert (w[:, -8:] == 1).all() and (w[:, :-8] == 0).all()
     epoch = torch.cat([one.batch(i)[0] for i in range(6)])
     assert len({tuple(r) for r in epoch.tolist()}) == 48  # no example twice in an epoch
     assert not torch.equal(one.batch(0)[0], one.batch(6)[0])  # a new order each epoch
-    shares = [torch.cat([b[1] for b in e.eval_batches(3)]) for e in ranks]
-    assert torch.equal(shares[0], torch.from_numpy(seqs[0::2, 1:]))
-    assert torch.equal(shares[1], torch.from_numpy(seqs[1::2, 1:]))
+    for r, e in enumerate(ranks):  # eval: rank r gets rows r::2, in order
+        ys = torch.cat([y for _, y, _ in e.eval_batches(3)])
+        assert torch.equal(ys, torch.from_numpy(seqs[r::2, 1:]))
     assert sum(len(b[0]) for b in ranks[1].eval_batches(4, max_examples=7)) == 3
 
 
 # ----------------------------------------------------------------------------- data: LM
 
-def test_stream_contiguous_and_rank_disjoint():
+def test_stream_contiguous_rank_disjoint_and_resumable():
     tokens = np.arange(1000, dtype=np.int32)  # token = position, so continuity is visible
-    B, W, n = 3, 7, 1000 // 6
-    seen = []
+    B, W, n, seen = 3, 7, 1000 // 6, []
     for r in (0, 1):
         s = Stream(tokens, B, W, rank=r, world=2)
         starts = torch.arange(r * B, r * B + B) * n
-        prev, got = None, []
-        for t in range(30):  # (n - 1) // W = 23 windows, then it wraps
-            x, y = s.next()
-            assert x.shape == y.shape == (B, W) and x.dtype == torch.int64
-            assert torch.equal(y, x + 1)
-            if t == 0 or t == 23:
-                assert torch.equal(x[:, 0], starts)  # start, and the wrap back to the start
-            else:
-                assert torch.equal(x[:, 0], prev[:, -1] + 1)  # row b continues row b
-            prev = x
-            if t < 23:
-                got.append(x)
-        seen.append(set(torch.cat(got, 1).flatten().tolist()))
-        state = s.state_dict()
+        x, y = map(torch.stack, zip(*[s.next() for _ in range(30)]))  # (30, B, W)
+        assert x.shape == (30, B, W) and x.dtype == torch.int64 and torch.equal(y, x + 1)
+        for t in range(30):  # row b continues row b; after (n - 1) // W = 23 windows it wraps
+            assert torch.equal(x[t, :, 0], starts if t in (0, 23) else x[t - 1, :, -1] + 1)
+        seen.append(set(x[:23].flatten().tolist()))
         s2 = Stream(tokens, B, W, rank=r, world=2)
-        s2.load_state_dict(state)
+        s2.load_state_dict(s.state_dict())
         assert torch.equal(s2.next()[0], s.next()[0])  # resume continues exactly
         ev = list(s.eval_windows(10))
-        assert [e[0].shape[1] for e in ev] == [10] * 16 + [5]  # the last window is shorter
-        assert torch.equal(torch.cat([e[0] for e in ev], 1)[:, 0], starts)
-        assert torch.equal(torch.cat([e[1] for e in ev], 1)[:, -1], starts + n - 1)
-        capped = sum(e[0].numel() for e in s.eval_windows(10, max_tokens=50))
-        assert 50 <= capped < 50 + B
+        assert [x.shape[1] for x, _ in ev] == [10] * 16 + [5]  # the last window is shorter
+        assert torch.equal(torch.cat([x for x, _ in ev], 1)[:, 0], starts)
+        assert torch.equal(torch.cat([y for _, y in ev], 1)[:, -1], starts + n - 1)
+        assert 50 <= sum(x.numel() for x, _ in s.eval_windows(10, max_tokens=50)) < 50 + B
     assert not seen[0] & seen[1]  # ranks own disjoint streams
 
 
-def _zip(path, files, method=zipfile.ZIP_DEFLATED):
+def _put(path, content):
+    """Write bytes to path, or a zip of {member: text} if content is a dict."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with zipfile.ZipFile(path, 'w', method) as z:
-        for name, content in files.items():
-            z.writestr(name, content)
+    with open(path, 'wb') as f:
+        if not isinstance(content, dict):
+            return f.write(content)
+        with zipfile.ZipFile(f, 'w', zipfile.ZIP_DEFLATED) as z:
+            for name, text in content.items():
+                z.writestr(name, text)
 
 
-def test_enwik8_prepare_fake_zip():
+@contextlib.contextmanager
+def _patch(module, **attrs):
+    old = {k: getattr(module, k) for k in attrs}
+    vars(module).update(attrs)
+    try:
+        yield
+    finally:
+        vars(module).update(old)
+
+
+def test_enwik8_fake_zip_and_bad_zips():
     raw = np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint8).tobytes()
-    old = data.ENWIK8_SIZE, data.ENWIK8_URL
-    with tempfile.TemporaryDirectory() as d:
-        try:
-            data.ENWIK8_SIZE, data.ENWIK8_URL = 2000, 'file:///nonexistent/enwik8.zip'  # offline
-            _zip(f'{d}/enwik8/enwik8.zip', {'enwik8': raw})
-            c = load_corpus('enwik8', d)
-            assert (len(c.train), len(c.val), len(c.test)) == (1800, 100, 100)  # 90/5/5
-            assert c.train.dtype == np.uint8 and c.vocab_size == 256 and c.cutoffs is None
-            assert bytes(c.train) + bytes(c.val) + bytes(c.test) == raw  # every byte, in order
-            assert os.path.exists(f'{d}/enwik8/meta.json')
-            os.remove(f'{d}/enwik8/enwik8.zip')  # once prepared, the zip is not needed
-            assert bytes(load_corpus('enwik8', d).test) == raw[-100:]
-            with open(f'{d}/enwik8/val.bin', 'ab') as f:  # a damaged split means "not prepared"
-                f.write(b'x')
-            try:
-                load_corpus('enwik8', d)
-                assert False
-            except DataError as e:
-                assert 'could not download' in str(e)
-        finally:
-            data.ENWIK8_SIZE, data.ENWIK8_URL = old
+    with _patch(data, ENWIK8_SIZE=2000, ENWIK8_URL='file:///nonexistent/enwik8.zip'), \
+            tempfile.TemporaryDirectory() as d:  # offline: a missing zip cannot be downloaded
+        _put(f'{d}/enwik8/enwik8.zip', {'enwik8': raw})
+        good = np.fromfile(f'{d}/enwik8/enwik8.zip', np.uint8).tobytes()
+        c = load_corpus('enwik8', d)
+        assert (len(c.train), len(c.val), len(c.test)) == (1800, 100, 100)  # 90/5/5
+        assert c.train.dtype == np.uint8 and c.vocab_size == 256 and c.cutoffs is None
+        assert bytes(c.train) + bytes(c.val) + bytes(c.test) == raw  # every byte, in order
+        os.remove(f'{d}/enwik8/enwik8.zip')  # once prepared, the zip is not needed
+        assert bytes(load_corpus('enwik8', d).test) == raw[-100:]
+        with open(f'{d}/enwik8/val.bin', 'ab') as f:  # a damaged split means "not prepared"
+            f.write(b'x')
+        assert 'could not download' in _raises(load_corpus, 'enwik8', d)
+        # truncated, corrupt, too short, wrong member, missing: a message naming path and url
+        for i, bad in enumerate((good[:1000], good[:500] + bytes([good[500] ^ 255]) + good[501:],
+                                 {'enwik8': raw[:1000]}, {'enwik9': raw}, None)):
+            zpath = f'{d}/{i}/enwik8/enwik8.zip'
+            if bad is not None:
+                _put(zpath, bad)
+            msg = _raises(load_corpus, 'enwik8', f'{d}/{i}')
+            assert zpath in msg and data.ENWIK8_URL in msg, msg
+            assert os.listdir(os.path.dirname(zpath)) == ([] if bad is None else ['enwik8.zip'])
 
 
-def test_enwik8_bad_zip_rejected():
-    raw = np.random.default_rng(1).integers(0, 256, 2048, dtype=np.uint8).tobytes()
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, 'w', zipfile.ZIP_STORED) as z:
-        z.writestr('enwik8', raw)
-    good = buf.getvalue()
-    corrupt = bytearray(good)
-    corrupt[500] ^= 0xFF  # inside the stored data: the CRC check fails
-    short = io.BytesIO()
-    with zipfile.ZipFile(short, 'w') as z:
-        z.writestr('enwik8', raw[:1000])
-    other = io.BytesIO()
-    with zipfile.ZipFile(other, 'w') as z:
-        z.writestr('enwik9', raw)
-    old = data.ENWIK8_SIZE, data.ENWIK8_URL
-    try:
-        data.ENWIK8_SIZE, data.ENWIK8_URL = 2048, 'file:///nonexistent/enwik8.zip'
-        for name, content in (('truncated', good[:len(good) // 2]), ('corrupt', bytes(corrupt)),
-                              ('short', short.getvalue()), ('member', other.getvalue()),
-                              ('missing', None)):
-            with tempfile.TemporaryDirectory() as d:
-                zpath = os.path.join(d, 'enwik8', 'enwik8.zip')
-                os.makedirs(os.path.dirname(zpath))
-                if content is not None:
-                    with open(zpath, 'wb') as f:
-                        f.write(content)
-                try:
-                    load_corpus('enwik8', d)
-                    assert False, name
-                except DataError as e:
-                    msg = str(e)
-                    assert zpath in msg and data.ENWIK8_URL in msg and '\n' not in msg, msg
-                left = set(os.listdir(os.path.dirname(zpath)))
-                assert left == (set() if content is None else {'enwik8.zip'}), (name, left)
-    finally:
-        data.ENWIK8_SIZE, data.ENWIK8_URL = old
-
-
-def test_wt103_tiny_corpus():
-    train = ' = Title = \n\n\n the cat sat on the mat \n the dog <unk> the \n'
-    old = os.environ.get('WT103_URL')
-    os.environ['WT103_URL'] = 'file:///nonexistent/wt103.zip'  # the zip below is used instead
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            _zip(f'{d}/wt103/wikitext-103-v1.zip', {
-                'wikitext-103/wiki.train.tokens': train,
-                'wikitext-103/wiki.valid.tokens': ' the bird sat \n',
-                'wikitext-103/wiki.test.tokens': ' the cat \n'})
-            with contextlib.redirect_stdout(io.StringIO()):
-                c = load_corpus('wt103', d)
-            # <eos> once per line (5, empty lines too), 'the' 4, '=' 2, ties by first occurrence
-            assert c.itos == ['<eos>', 'the', '=', 'Title', 'cat', 'sat', 'on', 'mat', 'dog',
-                              '<unk>']
-            assert c.vocab_size == 10 and c.cutoffs is None and c.train.dtype == np.int32
-            assert c.train.tolist() == [2, 3, 2, 0, 0, 0, 1, 4, 5, 6, 1, 7, 0, 1, 8, 9, 1, 0]
-            assert c.val.tolist() == [1, 9, 5, 0]  # 'bird' is not in the vocabulary: <unk>
-            assert c.test.tolist() == [1, 4, 0]
-            assert c.decode(c.val) == 'the <unk> sat\n'
-            assert c.encode('the cat\nsat').tolist() == [1, 4, 0, 5]
-            counts = np.bincount(c.train, minlength=c.vocab_size)
-            assert (np.diff(counts) <= 0).all()  # ids sorted by training frequency
-        with tempfile.TemporaryDirectory() as d:  # no <unk> in train: it is added
-            _zip(f'{d}/wt103/wikitext-103-v1.zip', {
-                'wikitext-103/wiki.train.tokens': 'a b a\n',
-                'wikitext-103/wiki.valid.tokens': 'c a\n', 'wikitext-103/wiki.test.tokens': 'b\n'})
-            with contextlib.redirect_stdout(io.StringIO()):
-                c = load_corpus('wt103', d)
-            assert c.itos == ['a', 'b', '<eos>', '<unk>'] and c.val.tolist() == [3, 0, 2]
-    finally:
-        if old is None:
-            os.environ.pop('WT103_URL')
-        else:
-            os.environ['WT103_URL'] = old
-
-
-def test_text_corpus_and_cli():
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, 'my.txt')
-        raw = 'héllo wörld\n'.encode() * 100  # 1400 bytes
-        with open(path, 'wb') as f:
-            f.write(raw)
-        c = load_corpus('text', os.path.join(d, 'data'), path)
-        assert (len(c.train), len(c.val), len(c.test)) == (1260, 70, 70)
-        assert bytes(c.train) + bytes(c.val) + bytes(c.test) == raw and c.vocab_size == 256
+def test_wt103_text_corpora_and_data_cli():
+    def wt103(d, *texts):  # train, valid, test
+        names = [f'wikitext-103/wiki.{s}.tokens' for s in ('train', 'valid', 'test')]
+        _put(f'{d}/wt103/wikitext-103-v1.zip', dict(zip(names, texts)))
+        with contextlib.redirect_stdout(io.StringIO()):
+            return load_corpus('wt103', d)
+    with _patch(data, WT103_URL='file:///nonexistent'), tempfile.TemporaryDirectory() as d:
+        c = wt103(d, ' = Title = \n\n\n the cat sat on the mat \n the dog <unk> the \n',
+                  ' the bird sat \n', ' the cat \n')
+        # <eos> once per line (5, empty lines too), 'the' 4, '=' 2, ties by first occurrence
+        assert c.itos == ['<eos>', 'the', '=', 'Title', 'cat', 'sat', 'on', 'mat', 'dog', '<unk>']
+        assert c.vocab_size == 10 and c.cutoffs is None and c.train.dtype == np.int32
+        assert c.train.tolist() == [2, 3, 2, 0, 0, 0, 1, 4, 5, 6, 1, 7, 0, 1, 8, 9, 1, 0]
+        assert c.val.tolist() == [1, 9, 5, 0] and c.test.tolist() == [1, 4, 0]  # bird: <unk>
+        assert c.decode(c.val) == 'the <unk> sat\n'
+        assert c.encode('the cat\nsat').tolist() == [1, 4, 0, 5]
+        c = wt103(f'{d}/2', 'a b a\n', 'c a\n', 'b\n')  # no <unk> in train: it is added
+        assert c.itos == ['a', 'b', '<eos>', '<unk>'] and c.val.tolist() == [3, 0, 2]
+    with tempfile.TemporaryDirectory() as d:  # text: any file, as bytes, read in place
+        path, raw = f'{d}/my.txt', 'héllo wörld\n'.encode() * 100  # 1400 bytes
+        _put(path, raw)
+        c = load_corpus('text', f'{d}/data', path)
+        assert (len(c.train), len(c.val), len(c.test)) == (1260, 70, 70) and c.vocab_size == 256
+        assert bytes(c.train) + bytes(c.val) + bytes(c.test) == raw and os.listdir(d) == ['my.txt']
         assert c.decode(c.encode('héllo')) == 'héllo' and c.decode([255]) == '\ufffd'
-        assert os.listdir(d) == ['my.txt']  # read in place, nothing written
-        open(os.path.join(d, 'empty.txt'), 'wb').close()
-        for bad in (None, os.path.join(d, 'nope.txt'), os.path.join(d, 'empty.txt')):
-            try:
-                load_corpus('text', d, bad)
-                assert False, bad
-            except DataError:
-                pass
-        out, argv = io.StringIO(), sys.argv
-        try:
-            sys.argv = ['data.py', 'text', path]
-            with contextlib.redirect_stdout(out):
-                runpy.run_path(data.__file__, run_name='__main__')
-        finally:
-            sys.argv = argv
-        assert 'train 1,260 val 70 test 70' in out.getvalue()
+        _put(f'{d}/empty.txt', b'')
+        for bad in (None, f'{d}/nope.txt', f'{d}/empty.txt'):
+            _raises(load_corpus, 'text', d, bad)
+        ok, bad = run('data.py', 'text', path), run('data.py', 'text', f'{d}/nope.txt')
+    assert ok.returncode == 0 and 'train 1,260 val 70 test 70' in ok.stdout
+    assert bad.returncode == 2 and bad.stderr.count('\n') == 1 and 'data_path' in bad.stderr
 
 
-def test_data_cli_error_exit_code():
-    p = subprocess.run([sys.executable, data.__file__, 'text', '/nonexistent/file.txt'],
-                       capture_output=True, text=True)
-    assert p.returncode == 2 and p.stderr.count('\n') == 1 and 'data_path' in p.stderr
+def _urlopen(body, error=None):
+    """A urlopen stand-in: its response announces 100 bytes, sends body, then raises error."""
+    class Response(io.BytesIO):
+        headers = {'Content-Length': '100'}
 
-
-class _FakeResponse:
-    """urlopen stand-in: announces `total` bytes, sends `chunks`, then fails or ends."""
-    def __init__(self, total, chunks, error=None):
-        self.headers, self.chunks, self.error = {'Content-Length': str(total)}, list(chunks), error
-
-    def read(self, n):
-        if self.chunks:
-            return self.chunks.pop(0)
-        if self.error:
-            raise self.error
-        return b''
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+        def read(self, n):
+            chunk = super().read(n)
+            if not chunk and error:
+                raise error
+            return chunk
+    return lambda *args, **kwargs: Response(body)
 
 
 def test_download_is_all_or_nothing():
-    real = data.urllib.request.urlopen
-    cases = [(100, [b'x' * 60], None),  # connection closed early
-             (100, [b'x' * 60], ConnectionResetError('reset')),  # failed mid-way
-             (100, [b'x' * 60], http.client.IncompleteRead(b''))]
-    try:
-        with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(io.StringIO()):
-            path = os.path.join(d, 'f.zip')
-            for total, chunks, error in cases:
-                data.urllib.request.urlopen = lambda *a, **k: _FakeResponse(total, chunks, error)
-                try:
-                    data._download('http://example.invalid/f.zip', path)
-                    assert False
-                except DataError as e:
-                    assert path in str(e) and 'http://example.invalid/f.zip' in str(e)
-                assert os.listdir(d) == []  # no partial file, under any name
-            data.urllib.request.urlopen = lambda *a, **k: _FakeResponse(100, [b'x' * 60, b'y' * 40])
-            data._download('http://example.invalid/f.zip', path)
-            assert os.listdir(d) == ['f.zip'] and open(path, 'rb').read() == b'x' * 60 + b'y' * 40
-    finally:
-        data.urllib.request.urlopen = real
+    url = 'http://example.invalid/f.zip'
+    with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(io.StringIO()):
+        path = f'{d}/f.zip'  # closed early, failed mid-way (OSError), or (HTTPException)
+        for error in (None, ConnectionResetError('reset'), http.client.IncompleteRead(b'')):
+            with _patch(data.urllib.request, urlopen=_urlopen(b'x' * 60, error)):
+                msg = _raises(data._download, url, path)
+            assert path in msg and url in msg and os.listdir(d) == []  # nothing, under any name
+        with _patch(data.urllib.request, urlopen=_urlopen(b'xy' * 50)):
+            data._download(url, path)
+        assert os.listdir(d) == ['f.zip'] and np.fromfile(path, np.uint8).tobytes() == b'xy' * 50
 
 
 # ----------------------------------------------------------------------------- metrics, learning

@@ -236,11 +236,11 @@ def main(argv):
                 print('data: ' + ', '.join(f'{s} {len(a)} ({data.split_checksum(a)})'
                                            for s, a in splits.items()))
         else:
-            if master:
-                corpus = data.load_corpus(tcfg.task, tcfg.data_dir, tcfg.data_path or None)
-            if ddp:
+            if ddp and not master:
                 dist.barrier()                   # rank 0 prepares the files, the others wait
             corpus = data.load_corpus(tcfg.task, tcfg.data_dir, tcfg.data_path or None)
+            if ddp and master:
+                dist.barrier()
             mcfg.vocab_size, mcfg.cutoffs = corpus.vocab_size, tuple(corpus.cutoffs or ())
             window = mcfg.seg_len * (mcfg.bptt_depth + 1)   # BPTT-k: k+1 segments per step
             loaders = {s: data.Stream(getattr(corpus, s), tcfg.batch_size, window, rank, world)
@@ -342,7 +342,7 @@ def main(argv):
         raw.eval()
         prompt = torch.as_tensor(corpus.encode(tcfg.prompt), dtype=torch.long, device=device)
         out = raw.generate(prompt[None], tcfg.sample_len, None, tcfg.temperature, tcfg.top_k)
-        print(tcfg.prompt + corpus.decode(out[0].tolist()))
+        print(corpus.decode(prompt.tolist() + out[0].tolist()))   # the prompt as the model saw it
         return
 
     # ------------------------------------------------------------------------- training loop
