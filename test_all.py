@@ -433,6 +433,8 @@ def test_ddp_two_processes_equal_one_process():
         a = torch.load(f'{d}/ddp/ckpt.pt', weights_only=True)['model']
         b = torch.load(f'{d}/one/ckpt.pt', weights_only=True)['model']
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+        test = [next(ln for ln in r.stdout.splitlines() if ln.startswith('test:')) for r in (r1, r2)]
+        assert test[0] == test[1], test      # metrics are sums over ranks, not rank 0's share
 
 
 # ----------------------------------------------------------------------------- language modelling

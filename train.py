@@ -84,7 +84,7 @@ PRESETS['wt103'] = dict(LM, task='wt103', n_layer=16, d_model=410, n_head=10, d_
 # ... and small ones that show learning on two CPU cores in minutes
 PRESETS['enwik8_cpu'] = dict(LM, task='enwik8', n_layer=4, d_model=128, n_head=4, d_head=32,
                              d_inner=512, lr=1e-3, warmup_iters=100, batch_size=16,
-                             max_iters=2000, eval_interval=500, eval_tokens=20_000,
+                             max_iters=1000, eval_interval=250, eval_tokens=20_000,
                              seg_len=64, mem_len=64, n_mem_tokens=8, log_interval=100)
 PRESETS['text_cpu'] = dict(PRESETS['enwik8_cpu'], task='text')
 PRESETS['wt103_cpu'] = dict(PRESETS['enwik8_cpu'], task='wt103', seg_len=32, mem_len=32)
