@@ -5,7 +5,7 @@ Every architecture of the RMT paper behind one flag, `arch`:
   xl        Transformer-XL: cache of the previous layer inputs (Dai et al. 2019)
   rmt       Recurrent Memory Transformer: [read mem | tokens | write mem] (Bulatov et al. 2022)
   xl_rmt    Transformer-XL + RMT: both
-Memory handling and the segment loop live in memory.py; TRAMS selection in trams.py.
+Memory handling and the segment loop live in memory.py.
 
 Shape legend: B batch, T segment tokens, M memory slots, P cached positions (xl), S = M+T+M
 positions in the block, K = P+S keys, R = K+S relative distances, L layers, H heads,
@@ -156,10 +156,10 @@ class MemTransformer(nn.Module):
         # Zeros learn much faster here: a write slot's first LayerNorm then sees only what it read
         self.mem_init = nn.Parameter(torch.zeros(cfg.n_mem_tokens, C)) if cfg.n_mem_tokens else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # output weights = tok_emb
-        # word-level LM: adaptive softmax (Grave et al. 2017); not tied to tok_emb (see README)
-        self.asm = nn.AdaptiveLogSoftmaxWithLoss(C, cfg.vocab_size, list(cfg.cutoffs)) \
-            if cfg.cutoffs else None
+        if cfg.cutoffs:  # word-level LM: adaptive softmax (Grave et al. 2017), untied (README)
+            self.asm = nn.AdaptiveLogSoftmaxWithLoss(C, cfg.vocab_size, list(cfg.cutoffs))
+        else:            # output weights = tok_emb, plus a bias
+            self.asm, self.out_bias = None, nn.Parameter(torch.zeros(cfg.vocab_size))
         self.apply(self._init)
         for p in (self.u, self.v):
             nn.init.normal_(p, std=0.02)
