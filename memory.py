@@ -40,6 +40,15 @@ def update_cache(cache, hids, mem_len):
     return [h[:, -mem_len:].detach() for h in hids]                       # (B, min(P+T, mem), C)
 
 
+def to_device(state, device):
+    """A state (or the plain (cache, mem) tuple a checkpoint holds) moved to device."""
+    if state is None:
+        return None
+    cache, mem = state
+    return State(None if cache is None else [c.to(device) for c in cache],
+                 None if mem is None else mem.to(device))
+
+
 def detach(state):
     """Cut the gradient into earlier segments (a BPTT boundary)."""
     if state is None:

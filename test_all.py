@@ -21,6 +21,7 @@ from data import (SQEQ_CHARS, DataError, Examples, Stream, generate, load_corpus
                   split_checksum, task_spec)
 import memory
 from model import ARCHS, MemTransformer, ModelConfig, build_mask, rel_shift
+import trams
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -477,6 +478,91 @@ def test_sampling_length_and_seed_determinism():
         torch.manual_seed(1)
         outs.append(m.generate(torch.tensor([[3, 4, 5]]), 17, temperature=0.9, top_k=5))
     assert outs[0].shape == (1, 17) and torch.equal(outs[0], outs[1])
+
+
+# ----------------------------------------------------------------------------- TRAMS
+
+
+def _run_trams(m, x, sel):      # sel None: plain XL
+    trams.attach(m, sel)
+    with torch.no_grad():
+        return m(x)
+
+
+def test_trams_with_nothing_to_drop_equals_xl_bit_for_bit():
+    m, x = tiny('xl', mem_len=8).eval(), torch.randint(0, 12, (2, 20))
+    ref, ref_state = _run_trams(m, x, None)
+    for how, true_pos in [(h, t) for h in trams.SELECTORS for t in (False, True)]:
+        out, state = _run_trams(m, x, trams.Selection(how, 3, 5, true_pos))   # R+K = pool size
+        assert torch.equal(out, ref) and all(map(torch.equal, state.cache, ref_state.cache)), how
+    assert not torch.equal(_run_trams(m, x, trams.Selection('trams', 3, 4))[0], ref)  # drops 1
+
+
+def test_trams_cheap_scores_equal_explicit_reformulated_keys():
+    w_q, k = torch.randn(3 * 4, 10).double(), torch.randn(2, 3, 7, 4).double()  # H 3, D 4, C 10
+    k_ref = torch.einsum('hdc,bhnd->bhnc', w_q.view(3, 4, 10), k)     # K' = W_Q,hᵀ k, (B,H,N,C)
+    assert torch.allclose(trams.trams_scores(w_q, k), k_ref.norm(dim=-1) * k_ref.sum(-1).abs())
+    assert torch.allclose(trams.trams_scores(w_q, k, paper=True), k_ref.sum(-1) / 10 ** 0.5)
+
+
+def test_trams_indices_sorted_recent_kept_per_head_and_pool_unchanged():
+    m, x, inputs = tiny('xl', mem_len=12, n_head=4).eval(), torch.randint(0, 12, (2, 30)), []
+    hook = m.blocks[1].register_forward_pre_hook(lambda mod, a: inputs.append(a[0]))
+    for how in ('trams', 'trams_paper', 'oracle', 'random'):
+        sel, inputs[:] = trams.Selection(how, 3, 4), []
+        _, state = _run_trams(m, x, sel)
+        for idx in sel.picked.values():            # (B, H, 7) of a pool of 12
+            assert idx.shape == (2, 4, 7) and idx.min() >= 0 and idx.max() < 12, how
+            assert (idx[..., 1:] > idx[..., :-1]).all() and (     # sorted, hence unique
+                idx[..., -3:] == torch.arange(9, 12)).all(), how     # the recent block, always
+            assert len({tuple(h.tolist()) for h in idx[0]}) > 1, how   # heads pick differently
+        assert torch.equal(state.cache[1], torch.cat(inputs, 1)[:, -12:])  # FIFO of all inputs
+
+
+def test_trams_oracle_keeps_most_attention_mass():
+    B, H, S, P, D, R, K, mask = 2, 3, 4, 20, 8, 4, 5, build_mask(20, 0, 4, 0)
+    qu, k, bd = (torch.randn(B, H, *shape) for shape in ((S, D), (P + S, D), (S, P + S)))
+    probs = ((qu @ k.transpose(2, 3) + bd) / D ** 0.5).masked_fill(~mask, -1e9).softmax(-1)
+    picks = dict(oracle=trams.oracle_scores(qu, k, bd, mask, P - R), random=torch.rand(B, H, P - R),
+                 trams=trams.trams_scores(torch.randn(H * D, 16), k[:, :, :P - R]))
+    kept = {h: probs[..., :P].sum(2).gather(-1, trams.select(s, K, P)).sum()
+            for h, s in picks.items()}
+    assert kept['oracle'] >= kept['trams'] and kept['oracle'] >= kept['random'], kept
+
+
+def test_trams_positions_compressed_and_true_distances():
+    B, H, S, P, n = 2, 3, 4, 10, 6                 # R = 2, K = 4; table entries = their distance
+    full, short = (torch.arange(r - S - 1, -S - 1, -1.).expand(B, H, S, r) for r in (18, 14))
+    idx, i = trams.select(torch.randn(B, H, P - 2), 4, P), torch.arange(S)[:, None]
+    true, comp = trams.positions(full, S, idx), trams.positions(short, S)  # (B, H, S, n+S)
+    assert torch.equal(true[..., :n], (P + i - idx[:, :, None]).float())   # true distances
+    xl = (P + i - torch.arange(P + S)).float()                            # XL: d = P + i - j
+    assert torch.equal(comp[..., n - 2:], xl[:, P - 2:].expand(B, H, S, -1))  # recent, current
+    assert torch.equal(comp[..., :n - 2], xl[:, P - n:P - 2].expand(B, H, S, -1))  # closer slots
+
+
+def test_trams_command_table_and_bad_input():
+    def cli(*args):       # in-process: a subprocess pays the torch import for every call
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                return trams.main(list(args)) or 0, out.getvalue(), err.getvalue()
+            except SystemExit as e:
+                return e.code, out.getvalue(), err.getvalue()
+    with tempfile.TemporaryDirectory() as d:
+        _put(f'{d}/text', bytes(np.random.default_rng(0).integers(97, 123, 2000, dtype=np.uint8)))
+        for m in (tiny('xl', vocab_size=256), tiny('rmt', vocab_size=256)):
+            torch.save(dict(model=m.state_dict(), model_cfg=vars(m.cfg), train_cfg=dict(
+                task='text', data_dir='', data_path=f'{d}/text')), f'{d}/{m.cfg.arch}.pt')
+        flags = '--mem_len 12 --select_recent 4 --select_topk 4 --seg_len 4 --batch_size 2'.split()
+        code, out, err = cli(f'{d}/xl.pt', *flags)
+        assert code == 0 and [ln.split('|')[1].strip() for ln in out.splitlines()[3:]] == [
+            'XL mem R+K', 'XL mem M', 'TRAMS', 'TRAMS (paper score)', 'oracle', 'random'], out
+        code, out, err = cli(f'{d}/xl.pt', *flags, '--show')     # paper Table 3
+        assert code == 0 and '[' in out and 'predicting' in out, err
+        for args in ('rmt.pt', 'xl.pt --task copy', 'xl.pt --x', 'xl.pt --select_topk 400'):
+            code, out, err = cli(*f'{d}/{args}'.split())
+            assert code == 2 and len(err.strip().splitlines()) == 1, (args, err)
 
 
 # ----------------------------------------------------------------------------- command line

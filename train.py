@@ -4,11 +4,13 @@ or many GPUs with torchrun.
   python train.py                                      # RMT learns to copy on a laptop CPU
   python train.py --task copy --arch xl --mem_len 12   # flags override the task's preset
   torchrun --standalone --nproc_per_node=8 train.py --task enwik8
+  python train.py --resume                             # continue the run in out_dir exactly
   python train.py --mode eval --init_from out/ckpt.pt --mem_len 400
   python train.py --mode sample --init_from out/ckpt.pt --prompt "The "
 """
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -18,6 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import memory
 from model import MemTransformer, ModelConfig
 
 # ----------------------------------------------------------------------------- config
@@ -46,7 +49,9 @@ class TrainConfig:
     seed: int = 1337
     device: str = 'auto'       # auto | cpu | cuda | cuda:N
     out_dir: str = 'out'       # checkpoints: ckpt.pt (latest), best.pt (best validation)
-    init_from: str = ''        # '' = scratch | resume (out_dir/ckpt.pt) | path to a checkpoint
+    init_from: str = ''        # checkpoint to evaluate, sample or fine-tune ('' = scratch)
+    resume: bool = False       # continue the run in out_dir from its ckpt.pt, exactly
+    skip_nonfinite: int = 0    # steps with a non-finite gradient to skip before stopping
     sample_len: int = 500      # sample: tokens to generate
     temperature: float = 0.9   # sample: 0 = greedy
     top_k: int = 40            # sample: keep the k most likely tokens (0 = all)
@@ -127,6 +132,9 @@ def make_configs(given, ckpt=None):
     """Defaults <- preset <- flags for a new run; checkpoint configs <- flags for eval/sample."""
     if ckpt is not None:
         mc, tc = dict(ckpt['model_cfg']), dict(ckpt['train_cfg'])
+        if given.get('arch', mc['arch']) != mc['arch']:
+            die(f"the checkpoint holds an '{mc['arch']}' model, not '{given['arch']}': "
+                'drop --arch or use another checkpoint')
     else:
         task = given.get('task', TrainConfig.task)
         cuda = torch.cuda.is_available() and given.get('device', 'auto') != 'cpu'
@@ -178,9 +186,10 @@ def save_atomic(obj, path):
             'the previous checkpoint is intact')
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, resume=False):
     if not os.path.isfile(path):
-        die(f'no checkpoint at {path}: train first, or pass --init_from PATH')
+        die(f'no checkpoint to resume at {path}: start without --resume or fix --out_dir'
+            if resume else f'no checkpoint at {path}: train first, or pass --init_from PATH')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
@@ -196,15 +205,10 @@ def main(argv):
             print(' '.join(f'--{f.name} {f.default!r}' for f in fields(c)))
         return
     given = parse_flags(argv)
-    init_from = given.get('init_from', '')
-    ckpt = None
-    if init_from:
-        out_dir = given.get('out_dir', TrainConfig.out_dir)
-        ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume'
-                               else init_from)
-        if given.get('arch', ckpt['model_cfg']['arch']) != ckpt['model_cfg']['arch']:
-            die(f"{init_from} holds an '{ckpt['model_cfg']['arch']}' model, not "
-                f"'{given['arch']}': drop --arch or use another checkpoint")
+    resume = given.get('resume', False)
+    path = os.path.join(given.get('out_dir', TrainConfig.out_dir), 'ckpt.pt') if resume \
+        else given.get('init_from', '')
+    ckpt = load_checkpoint(path, resume) if path else None
     mcfg, tcfg = make_configs(given, ckpt)
 
     # ------------------------------------------------------------------------- DDP / device
@@ -232,9 +236,10 @@ def main(argv):
             mcfg.vocab_size = spec['vocab_size']
             loaders = {s: data.Examples(splits[s], spec['ans_len'], tcfg.batch_size, rank, world,
                                         tcfg.seed) for s in ('train', 'val', 'test')}
+            checksums = {s: data.split_checksum(a) for s, a in splits.items()}
             if master:
-                print('data: ' + ', '.join(f'{s} {len(a)} ({data.split_checksum(a)})'
-                                           for s, a in splits.items()))
+                print('data: ' + ', '.join(f'{s} {len(splits[s])} ({c})'
+                                           for s, c in checksums.items()))
         else:
             if ddp and not master:
                 dist.barrier()                   # rank 0 prepares the files, the others wait
@@ -242,6 +247,7 @@ def main(argv):
             if ddp and master:
                 dist.barrier()
             mcfg.vocab_size, mcfg.cutoffs = corpus.vocab_size, tuple(corpus.cutoffs or ())
+            checksums = {s: len(getattr(corpus, s)) for s in ('train', 'val', 'test')}
             window = mcfg.seg_len * (mcfg.bptt_depth + 1)   # BPTT-k: k+1 segments per step
             loaders = {s: data.Stream(getattr(corpus, s), tcfg.batch_size, window, rank, world)
                        for s in ('train', 'val', 'test')}
@@ -261,17 +267,28 @@ def main(argv):
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5,
                                                                patience=tcfg.patience)
     start, best_val = 0, float('inf')
+    states = [None] * tcfg.grad_accum            # LM: memory carried by each micro-step's streams
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt['model'])
         except RuntimeError:
-            die(f'{init_from} does not fit this model (other size or vocabulary): '
+            die(f'{path} does not fit this model (other size or vocabulary): '
                 'give the matching flags or another checkpoint')
-        if init_from == 'resume':
+        if resume:
+            if len(ckpt['ranks']) != world:
+                die(f"{path} was written by {len(ckpt['ranks'])} processes: resume with as many")
+            if ckpt['data'] != checksums:
+                die(f'the data differ from those {path} was trained on: restore them')
             optimizer.load_state_dict(ckpt['optimizer'])
             scheduler.load_state_dict(ckpt['scheduler'])
+            if 'lr' in given:                    # a new --lr wins over the checkpoint's
+                optimizer.param_groups[0]['lr'], scheduler.base_lrs = tcfg.lr, [tcfg.lr]
             start, best_val = ckpt['step'], ckpt['best_val']
-            torch.set_rng_state(ckpt['rng'][rank % len(ckpt['rng'])])
+            mine = ckpt['ranks'][rank]
+            torch.set_rng_state(mine['rng'])
+            if mine['cuda_rng'] is not None and device.startswith('cuda'):
+                torch.cuda.set_rng_state(mine['cuda_rng'])
+            states = [memory.to_device(s, device) for s in mine['memory']]
             if not algo:
                 loaders['train'].load_state_dict(ckpt['loader'])
     raw = model
@@ -321,11 +338,20 @@ def main(argv):
                           for k, v in res.items())
 
     def checkpoint(name, step):
+        """Everything needed to continue exactly; per rank: RNG states and the memory that
+        crosses steps. Called on every rank (it gathers), written by rank 0."""
+        mine = dict(rng=torch.get_rng_state(), memory=[
+            None if s is None else tuple(memory.to_device(s, 'cpu')) for s in states],
+            cuda_rng=torch.cuda.get_rng_state() if device.startswith('cuda') else None)
+        ranks = [mine]
+        if ddp:
+            ranks = [None] * world
+            dist.all_gather_object(ranks, mine)
         if master:
             save_atomic(dict(model=raw.state_dict(), optimizer=optimizer.state_dict(),
                              scheduler=scheduler.state_dict(), model_cfg=asdict(mcfg),
-                             train_cfg=asdict(tcfg), step=step, best_val=best_val,
-                             rng=[torch.get_rng_state()],
+                             train_cfg=asdict(tcfg), step=step, best_val=best_val, ranks=ranks,
+                             data=checksums,
                              loader=None if algo else loaders['train'].state_dict()),
                         os.path.join(tcfg.out_dir, name))
 
@@ -351,8 +377,10 @@ def main(argv):
         n_params = sum(p.numel() for p in raw.parameters())
         print(f'preset {tcfg.preset} | task {tcfg.task} | arch {mcfg.arch} | '
               f'{n_params / 1e6:.2f}M params | world {world} | device {device}')
-    states = [None] * tcfg.grad_accum            # LM: memory carried by each micro-step's streams
-    t0, n_tok = time.time(), 0
+    signals = []                                 # SIGINT/SIGTERM: checkpoint, then exit
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda signum, frame: signals.append(signum))
+    t0, n_tok, skipped = time.time(), 0, 0
     for it in range(start, tcfg.max_iters):
         for micro in range(tcfg.grad_accum):
             if algo:
@@ -367,13 +395,22 @@ def main(argv):
                 loss = nll.mean() if w is None else (nll * w).sum() / w.sum()
                 (loss / tcfg.grad_accum).backward()
             n_tok += nll.numel() if w is None else int(w.sum())
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                               tcfg.grad_clip if tcfg.grad_clip else math.inf)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
+        step = it + 1
+        if not torch.isfinite(gnorm):            # the same on every rank: grads are reduced
+            optimizer.zero_grad(set_to_none=True)
+            states, skipped = [None] * tcfg.grad_accum, skipped + 1
+            if skipped > tcfg.skip_nonfinite:
+                print(f'error: non-finite loss or gradient at step {step}; the last good '
+                      f"checkpoint is {os.path.join(tcfg.out_dir, 'ckpt.pt')} (resume it with "
+                      '--resume, perhaps with a lower --lr, or allow --skip_nonfinite N)',
+                      file=sys.stderr)
+                sys.exit(1)
+            continue
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if tcfg.schedule == 'cosine':
             scheduler.step()
-        step = it + 1
         if step % tcfg.log_interval == 0 and master:
             dt = time.time() - t0
             print(f'step {step} | loss {loss.item():.4f} | lr {optimizer.param_groups[0]["lr"]:.2e}'
@@ -391,6 +428,14 @@ def main(argv):
                 checkpoint('best.pt', step)
             checkpoint('ckpt.pt', step)
             t0 = time.time()
+        stop = torch.tensor(float(len(signals)), device=device)
+        if ddp:                                  # every rank stops at the same step
+            dist.all_reduce(stop)
+        if stop.item():
+            checkpoint('ckpt.pt', step)
+            if master:
+                print(f'stopped by a signal at step {step}: continue with --resume', flush=True)
+            sys.exit(128 + (signals[0] if signals else signal.SIGTERM))
 
     # ------------------------------------------------------------------------- final test
     res = evaluate('test')

@@ -1,0 +1,250 @@
+"""
+TRAMS: Training-free Memory Selection (Yu et al., EMNLP 2023 Findings) for an `xl` checkpoint.
+The pool of every layer stays XL's FIFO of M = mem_len cached inputs (memory.update_cache); at
+evaluation each layer, head and batch row attends only to [K selected | R recent | current]:
+the R newest pool states always, plus the K older ones with the best score. No training.
+  python trams.py out/ckpt.pt --mem_len 400 --select_recent 150 --select_topk 50 --seg_len 64
+Shape legend: B batch, H heads, S segment tokens, P pool states, N = P-R candidates,
+n = K+R kept states, D head dim, C d_model.
+"""
+import argparse
+import itertools
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+import data
+from model import MemTransformer, ModelConfig, rel_shift
+from train import die, load_checkpoint
+
+SELECTORS = ('trams', 'trams_paper', 'oracle', 'random', 'none')
+
+
+@dataclass
+class Selection:
+    """What attention sees of the pool; `attach(model, sel)` for evaluation, never for training."""
+    mem_select: str = 'trams'      # trams (official code) | trams_paper | oracle | random | none
+    select_recent: int = 150       # R: newest pool states, always kept
+    select_topk: int = 50          # K: best older states kept (the paper's m = R + K)
+    select_true_pos: bool = False  # selected states keep their true distances (default: compressed)
+    select_layers: tuple = ()      # layers that select (paper Fig. 7); () = all
+    stats: bool = False            # sum the attention probability that lands on the memory
+    mass: float = 0.0              # stats: attention probability on memory, summed over ...
+    queries: int = 0               # ... this many (query, head, layer) triples
+    picked: dict = field(default_factory=dict)  # layer -> kept pool indices (B, H, n), for --show
+    gen: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))  # random
+
+    def attend(self, attn, q, k, val, pos, u, v, mask):  # called by model.RelAttention.forward
+        return attend(self, attn, q, k, val, pos, u, v, mask)
+
+
+def attach(model, sel):
+    """Route every layer's attention through `attend` (sel = None: back to plain XL)."""
+    for l, block in enumerate(model.blocks):
+        block.attn.selection, block.attn.layer = sel, l
+
+
+def trams_scores(w_q, k, paper=False):
+    """TRAMS §3.2: scores of the reformulated keys K' = W_Q,hᵀ k (C-dim) from the ordinary keys,
+    never building K': ΣK' = k·q1 with q1 = W_Q,h 1, ‖K'‖² = kᵀGk with G = W_Q,h W_Q,hᵀ.
+    Official code: ‖K'‖·|ΣK'|; paper text: ΣK'/sqrt(C) = cos<K', 1>‖K'‖. k (B, H, N, D)."""
+    w = w_q.view(k.size(1), k.size(3), -1)                                     # (H, D, C)
+    s = (k @ w.sum(-1)[..., None])[..., 0]                                     # (B, H, N)
+    if paper:
+        return s / math.sqrt(w.size(-1))
+    norm2 = ((k @ (w @ w.transpose(1, 2))) * k).sum(-1)                        # (B, H, N)
+    return norm2.clamp_min(0).sqrt() * s.abs()
+
+
+def oracle_scores(qu, k, bd, mask, N):
+    """Paper Fig. 1 upper bound: the attention probability each of the N candidates gets from the
+    current queries when every key is present (needs the full scores: not a speed-up)."""
+    logits = (qu @ k.transpose(2, 3) + bd) / math.sqrt(k.size(3))              # (B, H, S, P+S)
+    return logits.masked_fill(~mask, float('-inf')).softmax(-1)[..., :N].sum(2)  # (B, H, N)
+
+
+def select(scores, n_topk, P):
+    """Kept pool indices in time order: the n_topk best of the N oldest states (scores (B, H, N)),
+    then the P-N recent ones, always."""
+    old = scores.topk(n_topk, -1).indices.sort(-1).values                     # (B, H, K)
+    recent = torch.arange(scores.size(-1), P, device=scores.device)
+    return torch.cat([old, recent.expand(*old.shape[:2], -1)], -1)             # (B, H, n)
+
+
+def positions(raw, S, idx=None):
+    """Positional scores (B, H, S, n+S) from raw = (q+v)·W_R r over descending distances.
+    idx None: the keys take the contiguous slots the table covers (official code: selected
+    states look closer than they are). idx (B, H, n): the pool's key j keeps its true distance,
+    column S-1-i+j of the table (rel_shift's out[i, j] = x[i, S-1-i+j])."""
+    bd = rel_shift(raw, raw.size(-1) - S)                                      # (B, H, S, P+S)
+    if idx is None:
+        return bd
+    kept = bd[..., :-S].gather(-1, idx[:, :, None].expand(-1, -1, S, -1))     # (B, H, S, n)
+    return torch.cat([kept, bd[..., -S:]], -1)                                # (B, H, S, n+S)
+
+
+def attend(sel, attn, q, k, val, pos, u, v, mask):
+    """RelAttention over [selected | recent | current]; keys k, val (B, H, P+S, D) cover the pool.
+    Without anything to drop this is exactly the plain XL computation."""
+    B, H, S, D = q.shape
+    P, R, K = k.size(2) - S, sel.select_recent, sel.select_topk
+    on = sel.mem_select != 'none' and R + K < P and (
+        not sel.select_layers or attn.layer in sel.select_layers)         # paper Fig. 7
+    n = R + K if on else P
+    full = on and (sel.select_true_pos or sel.mem_select == 'oracle')   # every distance needed
+    r = attn.r(pos if full else pos[P - n:]).view(-1, H, D).transpose(0, 1)   # (H, ., D)
+    raw = (q + v[:, None]) @ r.transpose(1, 2)                                 # (B, H, S, .)
+    if on:
+        with torch.no_grad():
+            if sel.mem_select == 'oracle':
+                scores = oracle_scores(q + u[:, None], k, positions(raw, S), mask, P - R)
+            elif sel.mem_select == 'random':
+                scores = torch.rand(B, H, P - R, generator=sel.gen).to(q.device)
+            else:
+                scores = trams_scores(attn.q.weight, k[:, :, :P - R], sel.mem_select != 'trams')
+            idx = select(scores, K, P)                                         # (B, H, n)
+        sel.picked[attn.layer] = idx
+        rows = torch.cat([idx, torch.arange(P, P + S, device=q.device).expand(B, H, S)], -1) \
+            + (P + S) * torch.arange(B * H, device=q.device).view(B, H, 1)    # (B, H, n+S)
+        k, val = k.reshape(-1, D)[rows], val.reshape(-1, D)[rows]              # (B, H, n+S, D)
+        mask = mask[:, P - n:]                              # the pool is in every query's past
+        raw = raw[..., P - n:] if full and not sel.select_true_pos else raw
+    bd = positions(raw, S, idx if on and sel.select_true_pos else None)       # (B, H, S, n+S)
+    bias = (bd / math.sqrt(D)).masked_fill(~mask, float('-inf'))
+    if sel.stats:    # one more value column, 1 on memory keys: its output = probability on memory
+        val = torch.cat([val, (torch.arange(n + S, device=q.device) < n).to(val.dtype)
+                         .expand(B, H, -1)[..., None]], -1)                    # (B, H, n+S, D+1)
+    y = F.scaled_dot_product_attention(q + u[:, None], k, val, attn_mask=bias)
+    if sel.stats:
+        sel.mass, sel.queries = sel.mass + y[..., D].detach().sum(), sel.queries + B * H * S
+    return y[..., :D]                                                          # (B, H, S, D)
+
+# ----------------------------------------------------------------------------- command line
+
+
+def evaluate(model, tokens, sel, a, device):
+    """Paper protocol: a.batch_size contiguous streams, every target scored once, memory carried.
+    Returns (mean NLL, tokens scored, seconds, probability on memory, peak MB)."""
+    model.cfg = replace(model.cfg, mem_len=a.pool, seg_len=a.seg_len)
+    attach(model, sel)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    t0, state, nll, n = time.time(), None, 0.0, 0
+    with torch.no_grad():
+        for x, y in data.Stream(tokens, a.batch_size, a.seg_len).eval_windows(
+                a.seg_len, a.eval_tokens or None):
+            out, state = model(x.to(device), state, y.to(device))
+            nll, n = nll + out.sum(), n + out.numel()
+    nll, dt = float(nll), time.time() - t0          # float() waits for the GPU
+    attach(model, None)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == 'cuda' else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # CPU: the whole process's
+    return nll / n, n, dt, float(sel.mass) / max(sel.queries, 1), peak
+
+
+def compare(model, tokens, a, device, rows):
+    """rows: (name, mem_select, pool size). Pass 0: metrics and attention statistic (its value
+    column slows SDPA); seconds: median of --repeat more passes, rows interleaved (side by side)."""
+    res, times = {}, {name: [] for name, _, _ in rows}
+    for rep in range(a.repeat + 1):
+        for name, how, pool in rows:
+            sel = Selection(how, a.select_recent, a.select_topk, a.select_true_pos,
+                            a.select_layers, stats=rep == 0)
+            r = evaluate(model, tokens, sel, argparse.Namespace(**vars(a), pool=pool), device)
+            res[name] = res.get(name, r)
+            times[name].append(r[2])
+    return {k: (*r[:2], sorted(times[k][1:])[a.repeat // 2], *r[3:]) for k, r in res.items()}
+
+
+def show(model, corpus, a, device):
+    """Paper Table 3: memory text with the TRAMS picks in [brackets], then the segment predicted."""
+    sel = Selection('trams', a.select_recent, a.select_topk, a.select_true_pos)
+    model.cfg = replace(model.cfg, mem_len=a.mem_len, seg_len=a.seg_len)
+    attach(model, sel)
+    seen, state, windows = [], None, data.Stream(corpus.test, 1, a.seg_len).eval_windows(a.seg_len)
+    with torch.no_grad():
+        for _, (x, _) in zip(range(-(-a.mem_len // a.seg_len) + 1), windows):
+            _, state = model(x.to(device), state)
+            seen.append(x[0])
+    hist, layer = torch.cat(seen[:-1]).tolist()[-a.mem_len:], a.layer % model.cfg.n_layer
+    if len(hist) <= a.select_recent + a.select_topk:
+        die('the test split is too short to fill the pool: lower --mem_len')
+    keep, N = set(sel.picked[layer][0, a.head].tolist()), len(hist) - a.select_recent
+    runs = itertools.groupby(range(N), lambda j: j in keep)   # decoded together: UTF-8 stays whole
+    sep = ' ' if corpus.itos is not None else ''
+
+    def txt(ids):
+        return corpus.decode(list(ids)).replace('\n', '⏎')
+    print(f'layer {layer} head {a.head}: [the {a.select_topk} TRAMS picks] among the {N} oldest '
+          f'of {len(hist)} pool states || the {a.select_recent} recent ones, always kept')
+    print(sep.join(f'[{txt(hist[j] for j in js)}]' if kept else txt(hist[j] for j in js)
+                   for kept, js in runs) + f'{sep}||{sep}' + txt(hist[N:]))
+    print(f'predicting: {txt(seen[-1].tolist())}')
+
+
+def main(argv):
+    p = argparse.ArgumentParser(description='TRAMS evaluation of an xl checkpoint')
+    p.error = die                  # bad flags: one line, exit 2, like train.py
+    p.add_argument('ckpt')
+    for name, default in dict(task='', data_path='', data_dir='', mem_len=400, select_recent=150,
+                              select_topk=50, seg_len=64, batch_size=10, eval_tokens=0, repeat=1,
+                              select_layers='', sweep='', layer=-1, head=0, device='auto').items():
+        p.add_argument(f'--{name}', type=type(default), default=default)
+    p.add_argument('--select_true_pos', action='store_true')
+    p.add_argument('--show', action='store_true')
+    a = p.parse_args(argv)
+    ckpt = load_checkpoint(a.ckpt)
+    mc, tc = ckpt['model_cfg'], ckpt['train_cfg']
+    task = a.task or tc['task']
+    if mc['arch'] != 'xl' or task not in data.LM_TASKS:
+        die(f"TRAMS needs an xl checkpoint and a language-modelling task, not '{mc['arch']}' on "
+            f"'{task}' ({a.ckpt})")
+    key, _, vals = a.sweep.partition('=')
+    try:
+        a.select_layers = tuple(int(v) for v in a.select_layers.split(',') if v)
+        settings = [argparse.Namespace(**{**vars(a), key: int(v)}) for v in vals.split(',') if v]
+    except ValueError:
+        die('--select_layers and --sweep take comma-separated integers')
+    if a.sweep and not (key in ('mem_len', 'select_topk', 'select_recent', 'seg_len') and settings):
+        die('--sweep takes mem_len=, select_topk=, select_recent= or seg_len= and values')
+    if any(min(b.seg_len, b.batch_size, b.select_topk, b.repeat, b.select_recent + 1) < 1
+           or b.select_recent + b.select_topk >= b.mem_len for b in settings or [a]):
+        die('need --seg_len --batch_size --select_topk --repeat >= 1, --select_recent >= 0 and '
+            '--select_recent + --select_topk < --mem_len (else nothing is dropped)')
+    if not all(0 <= i < mc['n_layer'] for i in a.select_layers) or not 0 <= a.head < mc['n_head']:
+        die(f"--select_layers / --head out of range: {mc['n_layer']} layers, {mc['n_head']} heads")
+    device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu')
+                          if a.device == 'auto' else a.device)
+    try:
+        corpus = data.load_corpus(task, a.data_dir or tc['data_dir'],
+                                  a.data_path or tc['data_path'])
+    except data.DataError as e:
+        die(str(e))
+    model = MemTransformer(ModelConfig(**mc)).to(device).eval()
+    model.load_state_dict(ckpt['model'])
+    if a.show:
+        return show(model, corpus, a, device)
+    unit = 'ppl' if task == 'wt103' else 'bpc'
+    print(f'M={a.mem_len} R={a.select_recent} K={a.select_topk} n={a.seg_len} B={a.batch_size} '
+          f'true_pos={a.select_true_pos} layers={a.select_layers or "all"} on {device}, s = median')
+    print(f"| {'setting | ' * bool(settings)}row | {unit} | tokens | s | vs XL(R+K) | "
+          f"prob on memory | peak MB |\n|---|" + '---|' * (6 + bool(settings)))
+    for b in settings or [a]:     # a sweep (paper Figs. 4-6): XL(R+K) and TRAMS per setting
+        rows = [('XL mem R+K', 'none', b.select_recent + b.select_topk),
+                ('XL mem M', 'none', b.mem_len),
+                ('TRAMS', 'trams', b.mem_len), ('TRAMS (paper score)', 'trams_paper', b.mem_len),
+                ('oracle', 'oracle', b.mem_len), ('random', 'random', b.mem_len)]
+        res = compare(model, corpus.test, b, device, [rows[0], rows[2]] if settings else rows)
+        for name, (nll, n, dt, prob, peak) in res.items():
+            print(f"| {f'{getattr(b, key)} | ' if settings else ''}{name} | "
+                  f"{math.exp(nll) if unit == 'ppl' else nll / math.log(2):.4f} | {n} | {dt:.2f} |"
+                  f' {dt / res["XL mem R+K"][2]:.2f}x | {prob:.4f} | {peak:.0f} |', flush=True)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
