@@ -568,32 +568,78 @@ def test_trams_command_table_and_bad_input():
 # ----------------------------------------------------------------------------- command line
 
 
-def test_bad_flags_exit_2_with_one_line():
-    for args in (['--nope', '1'], ['--arch', 'gpt'], ['--task', 'nope'], ['--lr', 'fast'],
-                 ['--arch', 'rmt', '--n_mem_tokens', '0'], ['--arch', 'mt', '--n_mem_tokens=0'],
-                 ['--arch', 'xl', '--mem_len', '0'], ['--seg_len', '0'], ['--seq_len', '0'],
-                 ['--init_from', '/nonexistent.pt']):
-        r = run('train.py', *args)
-        assert r.returncode == 2, (args, r.returncode, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1 and 'Traceback' not in r.stderr, r.stderr
+def test_bad_input_exits_2_with_one_line():
+    with tempfile.TemporaryDirectory() as d:
+        cfg = dict(model={}, model_cfg=vars(ModelConfig(arch='xl')), train_cfg={})
+        torch.save(cfg, f'{d}/xl.pt')
+        _put(f'{d}/cut.pt', open(f'{d}/xl.pt', 'rb').read()[:300])     # truncated
+        _put(f'{d}/empty.txt', b'')
+        for args in ('--nope 1', '--arch gpt', '--task nope', '--lr fast', '--seg_len 0',
+                     '--arch rmt --n_mem_tokens 0', '--arch mt --n_mem_tokens=0', '--seq_len 0',
+                     '--arch xl --mem_len 0', '--init_from /nonexistent.pt', f'--resume --out_dir {d}',
+                     f'--init_from {d}/cut.pt', f'--init_from {d}/empty.txt',
+                     f'--init_from {d}/xl.pt --arch rmt', '--task text --data_path /nonexistent',
+                     f'--task text --data_path {d}/empty.txt'):
+            r = run('train.py', *args.split())
+            assert r.returncode == 2, (args, r.returncode, r.stderr)
+            assert len(r.stderr.strip().splitlines()) == 1 and 'Traceback' not in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------- reliability
+
+def test_sigkill_sigterm_resume_exactly_and_nonfinite_stop():
+    def train(*args, wait=True):
+        cmd = [sys.executable, 'train.py', '--task', 'text', '--data_path', f'{d}/t.txt',
+               *'--arch xl_rmt --n_layer 1 --d_model 32 --d_head 16 --d_inner 64 --seg_len 16 '
+               '--mem_len 16 --n_mem_tokens 2 --batch_size 4 --eval_interval 3 --log_interval 1 '
+               '--eval_tokens 200 --schedule plateau'.split(), *args]
+        return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=120) if wait \
+            else subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, text=True)
+
+    def losses(r):
+        return {ln.split(' | ')[0]: ln.split(' | ')[1] for ln in r.stdout.splitlines()
+                if ln.startswith('step ')}
+    with tempfile.TemporaryDirectory() as d:
+        _put(f'{d}/t.txt', open(os.path.join(HERE, 'train.py'), 'rb').read() * 20)
+        full = train('--max_iters', '12', '--out_dir', f'{d}/a')
+        p = train('--max_iters', '100000', '--out_dir', f'{d}/b', wait=False)
+        while not os.path.exists(f'{d}/b/ckpt.pt') and p.poll() is None:
+            time.sleep(0.05)
+        p.kill()                                       # SIGKILL: no chance to clean up
+        p.communicate()
+        step = torch.load(f'{d}/b/ckpt.pt', weights_only=True)['step']
+        res = run('train.py', '--resume', '--out_dir', f'{d}/b', '--max_iters', '12')
+        a, b = losses(full), losses(res)
+        assert step < 12 and set(b) == {f'step {s}' for s in range(step + 1, 13)}, res.stderr
+        assert all(a[k] == b[k] for k in b), (a, b)     # memory, RNG, stream position restored
+        r = run('train.py', '--resume', '--out_dir', f'{d}/b', '--max_iters', '99', '--lr', '1e30',
+                '--grad_clip', '0')
+        assert r.returncode == 1 and 'non-finite' in r.stderr and 'Traceback' not in r.stderr
+        ckpt = torch.load(f'{d}/b/ckpt.pt', weights_only=True)  # the last good one survived
+        assert ckpt['step'] == 12 and all(v.isfinite().all() for v in ckpt['model'].values())
+        p = train('--max_iters', '100000', '--eval_interval', '100000', '--out_dir', f'{d}/c',
+                  wait=False)
+        while 'step ' not in (line := p.stdout.readline()):
+            assert line, 'the run ended early'
+        p.terminate()                                  # SIGTERM: checkpoint, then exit
+        out = p.communicate(timeout=60)[0]
+        assert p.returncode == 128 + 15 and 'stopped by a signal' in out, out
+        assert torch.load(f'{d}/c/ckpt.pt', weights_only=True)['step'] >= 1
 
 
 # ----------------------------------------------------------------------------- runner
 
 if __name__ == '__main__':
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    tests = [(n, f) for n, f in list(globals().items()) if n.startswith('test_') and callable(f)]
     passed = failed = 0
-    t_all = time.time()
-    for name, fn in tests:
+    for name, fn in [(n, f) for n, f in list(globals().items()) if n.startswith('test_')]:
         t0 = time.time()
         try:
             fn()
-            passed += 1
-            print(f'PASS {name} ({time.time() - t0:.1f}s)', flush=True)
+            passed, msg = passed + 1, 'PASS'
         except Exception:
-            failed += 1
-            print(f'FAIL {name} ({time.time() - t0:.1f}s)\n{traceback.format_exc()}', flush=True)
-    print(f'total {time.time() - t_all:.0f}s')
+            failed, msg = failed + 1, 'FAIL'
+            traceback.print_exc()
+        print(f'{msg} {name} ({time.time() - t0:.1f}s)', flush=True)
     print(f'{passed} passed, {failed} failed')
     sys.exit(1 if failed else 0)
