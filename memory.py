@@ -15,8 +15,9 @@ State = namedtuple('State', 'cache mem')
 
 
 def read_write(x, mem, arch):
-    """RMT: [read M | tokens T | write M], read and write slots get the same vectors (no projection).
-    MT: [memory M | tokens T], no write block. Others: tokens alone. Returns h, n_read, n_write."""
+    """RMT: [read M | tokens T | write M]; read and write slots get the same vectors, no
+    projection. MT: [memory M | tokens T], no write block. Others: tokens alone.
+    Returns h, n_read, n_write."""
     if arch == 'mt':
         return torch.cat([mem, x], 1), mem.size(1), 0                    # (B, M+T, C)
     if arch in ('rmt', 'xl_rmt'):
