@@ -153,10 +153,9 @@ def make_configs(given, ckpt=None):
                              + ', '.join(data.ALGO_TASKS + data.LM_TASKS))
         if tcfg.mode == 'sample' and tcfg.task not in data.LM_TASKS:
             raise ValueError('--mode sample needs a language-modelling task (enwik8, wt103, text)')
-        if tcfg.mode not in ('train', 'eval', 'sample'):
-            raise ValueError(f"unknown mode '{tcfg.mode}': use train, eval or sample")
-        if tcfg.schedule not in ('plateau', 'cosine'):
-            raise ValueError(f"unknown schedule '{tcfg.schedule}': use plateau or cosine")
+        for k, ok in (('mode', ('train', 'eval', 'sample')), ('schedule', ('plateau', 'cosine'))):
+            if getattr(tcfg, k) not in ok:
+                raise ValueError(f"unknown {k} '{getattr(tcfg, k)}': use one of {', '.join(ok)}")
         for k in ('seq_len', 'batch_size', 'grad_accum', 'max_iters', 'eval_interval',
                   'log_interval'):
             if getattr(tcfg, k) < 1:
@@ -212,9 +211,8 @@ def main(argv):
     mcfg, tcfg = make_configs(given, ckpt)
 
     # ------------------------------------------------------------------------- DDP / device
-    ddp = 'RANK' in os.environ
+    ddp, use_cuda = 'RANK' in os.environ, torch.cuda.is_available() and tcfg.device != 'cpu'
     if ddp:
-        use_cuda = torch.cuda.is_available() and tcfg.device != 'cpu'
         dist.init_process_group('nccl' if use_cuda else 'gloo')
         rank, world = dist.get_rank(), dist.get_world_size()
         device = f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else 'cpu'
@@ -222,8 +220,7 @@ def main(argv):
             torch.cuda.set_device(device)
     else:
         rank, world = 0, 1
-        device = tcfg.device if tcfg.device != 'auto' else \
-            ('cuda' if torch.cuda.is_available() else 'cpu')
+        device = tcfg.device if tcfg.device != 'auto' else ('cuda' if use_cuda else 'cpu')
     master = rank == 0
     torch.manual_seed(tcfg.seed + rank)          # dropout differs per rank; init is broadcast
 
@@ -428,10 +425,12 @@ def main(argv):
                 checkpoint('best.pt', step)
             checkpoint('ckpt.pt', step)
             t0 = time.time()
-        stop = torch.tensor(float(len(signals)), device=device)
+        stop = bool(signals)
         if ddp:                                  # every rank stops at the same step
-            dist.all_reduce(stop)
-        if stop.item():
+            flag = torch.tensor(float(stop), device=device)
+            dist.all_reduce(flag)
+            stop = flag.item() > 0
+        if stop:
             checkpoint('ckpt.pt', step)
             if master:
                 print(f'stopped by a signal at step {step}: continue with --resume', flush=True)
