@@ -178,11 +178,11 @@ def save_atomic(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:     # torch.save reports a full disk as RuntimeError
         if os.path.exists(tmp):
             os.remove(tmp)
-        die(f'could not write {path} ({e.strerror}): free disk space or change --out_dir; '
-            'the previous checkpoint is intact')
+        die(f'could not write {path} ({type(e).__name__}: {str(e).splitlines()[0][:80]}): free '
+            'disk space or change --out_dir; the previous checkpoint is intact')
 
 
 def load_checkpoint(path, resume=False):
