@@ -36,29 +36,34 @@ def tiny(arch, **kw):
 def emb_grads(model, idx, loss_fn):
     """Gradient of loss_fn(output) w.r.t. every segment's token embeddings -> (T_all,) norms."""
     embs = []
-
-    def keep(module, inputs, out):
-        out.retain_grad()
-        embs.append(out)
-    hook = model.tok_emb.register_forward_hook(keep)
+    hook = model.tok_emb.register_forward_hook(lambda mod, inputs, out: embs.append(out))
     out, _ = model(idx)
     hook.remove()
-    loss_fn(out).backward()
-    return torch.cat([e.grad if e.grad is not None else torch.zeros_like(e) for e in embs],
-                     1).abs().sum((0, 2))
+    return torch.cat(torch.autograd.grad(loss_fn(out), embs, materialize_grads=True),
+                     1).abs().sum((0, 2))  # not reached: zero
 
 
 def run(*args, timeout=120):
     return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True,
                           timeout=timeout)
 
+
+@contextlib.contextmanager
+def _patch(module, **attrs):
+    old = {k: getattr(module, k) for k in attrs}
+    vars(module).update(attrs)
+    try:
+        yield
+    finally:
+        vars(module).update(old)
+
+
 # ----------------------------------------------------------------------------- model
 
-
-def test_shapes_every_arch():
+def test_shapes_and_no_future_leakage_every_arch():
+    idx = torch.randint(0, 12, (2, 13))
     for arch in ARCHS:
-        m = tiny(arch)
-        out, state = m(torch.randint(0, 12, (2, 13)))
+        out, state = tiny(arch)(idx)
         assert out.shape == (2, 13, 12), arch
         if arch in ('xl', 'xl_rmt'):
             assert len(state.cache) == 2 and state.cache[0].shape == (2, 4, 32)
@@ -66,15 +71,9 @@ def test_shapes_every_arch():
             assert state.mem.shape == (2, 3, 32)
         if arch in ('baseline', 'mt'):
             assert state is None          # nothing flows between segments
-
-
-def test_no_future_leakage_every_arch():
-    idx = torch.randint(0, 12, (2, 13))
-    for arch in ARCHS:
         for t in (0, 4, 5, 9, 12):        # segment starts, ends and middles
             g = emb_grads(tiny(arch), idx, lambda out: out[:, t].sum())
-            assert g[t + 1:].sum() == 0, (arch, t, g)
-            assert g[t] > 0
+            assert g[t + 1:].sum() == 0 and g[t] > 0, (arch, t, g)
 
 
 def test_rel_shift_gives_true_signed_distances():
@@ -86,39 +85,21 @@ def test_rel_shift_gives_true_signed_distances():
         assert torch.equal(rel_shift(x, K), ref)
 
 
-def test_rmt_mask_matches_spec_picture():
+def test_rmt_mask_matches_spec_picture_and_tokens_never_see_write_memory():
     # keys: cache c c | read r r | tokens t t t | write w w ; queries: r r | t t t | w w
-    expect = [
-        '111100000',   # read: cache (xl_rmt) and all read memory, never tokens or write
-        '111100000',
-        '111110000',   # tokens: cache, all read memory, earlier tokens and itself
-        '111111000',
-        '111111100',
-        '111111111',   # write: everything
-        '111111111',
-    ]
-    mask = build_mask(2, 2, 3, 2)
-    assert mask.tolist() == [[c == '1' for c in row] for row in expect]
-    mt = build_mask(0, 2, 3, 0)              # MT: read block, causal tokens, no write block
-    assert mt.tolist() == [[c == '1' for c in r] for r in
-                           ['11000', '11000', '11100', '11110', '11111']]
-
-
-def test_tokens_never_see_write_memory():
-    m = tiny('rmt')
-    x, mem = torch.randint(0, 12, (2, 5)), torch.randn(2, 3, 32)
+    rmt = ['111100000', '111100000',  # read: cache (xl_rmt), all read memory, no tokens or write
+           '111110000', '111111000', '111111100',  # tokens: cache, read memory, earlier, itself
+           '111111111', '111111111']  # write: everything
+    mt = ['11000', '11000', '11100', '11110', '11111']  # MT: read block, causal, no write block
+    for mask, rows in ((build_mask(2, 2, 3, 2), rmt), (build_mask(0, 2, 3, 0), mt)):
+        assert mask.tolist() == [[c == '1' for c in row] for row in rows]
+    m, x, mem = tiny('rmt'), torch.randint(0, 12, (2, 5)), torch.randn(2, 3, 32)
     write = mem.clone().requires_grad_()
-    orig = memory.read_write
-    memory.read_write = lambda x_, mem_, arch: (torch.cat([mem_, x_, write], 1), 3, 3)
-    try:
+    with _patch(memory, read_write=lambda x_, mem_, arch: (torch.cat([mem_, x_, write], 1), 3, 3)):
         logits, state = m.segment(x, memory.State(None, mem))
-    finally:
-        memory.read_write = orig
-    logits.sum().backward(retain_graph=True)
-    assert write.grad.abs().sum() == 0
-    write.grad = None
-    state.mem.sum().backward()
-    assert write.grad.abs().sum() > 0       # the write block itself does see it
+    g_tokens, g_write = [torch.autograd.grad(out.sum(), write, retain_graph=True)[0]
+                         for out in (logits, state.mem)]
+    assert g_tokens.abs().sum() == 0 and g_write.abs().sum() > 0  # the write block does see it
 
 
 def test_bptt_depth_reaches_exactly_k_segments():
@@ -138,8 +119,7 @@ def test_xl_cache_is_fifo_detached_and_mem_len_long():
     out, state = m(torch.randint(0, 12, (2, 15)))   # 3 segments of 5
     hook.remove()
     seen = torch.cat(inputs, 1)                      # layer-1 inputs of all 15 positions
-    assert state.cache[1].shape == (2, 7, 32)
-    assert torch.equal(state.cache[1], seen[:, -7:])  # the newest 7, old first
+    assert torch.equal(state.cache[1], seen[:, -7:])  # the newest 7, old first: (2, 7, 32)
     assert not any(c.requires_grad for c in state.cache)
 
 # ----------------------------------------------------------------------------- data: algorithmic
@@ -278,16 +258,6 @@ def _put(path, content):
                 z.writestr(name, text)
 
 
-@contextlib.contextmanager
-def _patch(module, **attrs):
-    old = {k: getattr(module, k) for k in attrs}
-    vars(module).update(attrs)
-    try:
-        yield
-    finally:
-        vars(module).update(old)
-
-
 def test_enwik8_fake_zip_and_bad_zips():
     raw = np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint8).tobytes()
     with _patch(data, ENWIK8_SIZE=2000, ENWIK8_URL='file:///nonexistent/enwik8.zip'), \
@@ -375,34 +345,7 @@ def test_download_is_all_or_nothing():
 
 # ----------------------------------------------------------------------------- metrics, learning
 
-
-class CopyOracle(MemTransformer):
-    """Always right on copy's answer: its 'memory' is every token seen so far, so free-running
-    generation must carry it across segments exactly as teacher forcing does."""
-
-    def segment(self, idx, state=None, targets=None):
-        S = (self.cfg.seq_len_for_test)
-        hist = idx if state is None else torch.cat([state.mem, idx], 1)
-        p = torch.arange(hist.size(1) - idx.size(1), hist.size(1))    # positions of idx
-        nxt = hist[:, (p - S).clamp(min=0) % S]                         # copy from the source
-        nxt[:, p + 1 == S] = 1
-        logits = torch.nn.functional.one_hot(nxt, self.cfg.vocab_size).float()
-        return logits, memory.State(None, hist)
-
-
-def test_free_running_equals_teacher_forced_when_always_right():
-    S = 7
-    seqs = generate('copy', 16, S, np.random.default_rng(0))
-    oracle = tiny('rmt', seg_len=5)
-    oracle.__class__ = CopyOracle
-    oracle.cfg.seq_len_for_test = S
-    x, y, w = Examples(seqs, 2 * S, 16).batch(0)
-    nll, n, n_ans, tf, fr, em = data.answer_metrics(oracle, x, y, w, 2 * S, 2 * S)
-    assert n_ans == 16 * 2 * S and tf == fr == n_ans and em == 16
-
-
 def train_tiny(arch, steps=500):
-    torch.manual_seed(0)
     m = tiny(arch, seg_len=4, n_mem_tokens=2, d_model=64, d_head=32, d_inner=128)
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
@@ -412,13 +355,27 @@ def train_tiny(arch, steps=500):
         opt.zero_grad()
         ((nll * w).sum() / w.sum()).backward()
         opt.step()
-    m.eval()
     x, y, w = Examples(generate('copy', 256, 4, rng), 8, 256).batch(0)
-    res = data.answer_metrics(m, x, y, w, 8, 8)
+    res = data.answer_metrics(m.eval(), x, y, w, 8, 8)
     return res[4] / res[2]
 
 
-def test_tiny_rmt_learns_copy_that_baseline_cannot():
+def test_free_running_exact_and_tiny_rmt_learns_copy_baseline_cannot():
+    S, oracle = 7, tiny('rmt', seg_len=5)
+
+    def copy_segment(idx, state=None, targets=None):
+        """Always right on copy's answer: its 'memory' is every token seen so far, so free-running
+        generation must carry it across segments exactly as teacher forcing does."""
+        hist = idx if state is None else torch.cat([state.mem, idx], 1)
+        p = torch.arange(hist.size(1) - idx.size(1), hist.size(1))    # positions of idx
+        nxt = hist[:, (p - S).clamp(min=0) % S]                         # copy from the source
+        nxt[:, p + 1 == S] = 1
+        logits = torch.nn.functional.one_hot(nxt, oracle.cfg.vocab_size).float()
+        return logits, memory.State(None, hist)
+    oracle.segment = copy_segment                 # the model's segment loop, the oracle's segment
+    x, y, w = Examples(generate('copy', 16, S, np.random.default_rng(0)), 2 * S, 16).batch(0)
+    nll, n, n_ans, tf, fr, em = data.answer_metrics(oracle, x, y, w, 2 * S, 2 * S)
+    assert n_ans == 16 * 2 * S and tf == fr == n_ans and em == 16
     rmt, base = train_tiny('rmt'), train_tiny('baseline', steps=100)
     assert rmt > 0.9 and base < 0.3, (rmt, base)
 
@@ -431,37 +388,45 @@ def test_ddp_two_processes_equal_one_process():
                  *common, '--batch_size', '4', '--out_dir', f'{d}/ddp')
         r2 = run('train.py', *common, '--batch_size', '8', '--out_dir', f'{d}/one')
         assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-2000:] + r2.stderr[-2000:]
-        a = torch.load(f'{d}/ddp/ckpt.pt', weights_only=True)['model']
-        b = torch.load(f'{d}/one/ckpt.pt', weights_only=True)['model']
+        a, b = (torch.load(f'{d}/{n}/ckpt.pt', weights_only=True)['model'] for n in ('ddp', 'one'))
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-        test = [next(ln for ln in r.stdout.splitlines() if ln.startswith('test:')) for r in (r1, r2)]
-        assert test[0] == test[1], test      # metrics are sums over ranks, not rank 0's share
+        test = [[ln for ln in r.stdout.splitlines() if ln.startswith('test:')] for r in (r1, r2)]
+        assert test[0] == test[1] != [], test  # metrics are sums over ranks, not rank 0's share
+        _put(f'{d}/fail.py', f'import os, sys; sys.path.insert(0, {HERE!r}); import data, train\n'
+             "if os.environ['RANK'] == '1':\n    data.Examples.batch = None   # rank 1 raises\n"
+             'train.main(sys.argv[1:])\n'.encode())
+        t0 = time.time()                        # one rank fails: the whole job ends, no hang
+        r = run('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', f'{d}/fail.py',
+                *common, '--out_dir', f'{d}/fail')
+        assert r.returncode != 0 and time.time() - t0 < 60, r.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- language modelling
 
-
-def test_adaptive_softmax_log_probs_normalised_and_loss_matches():
+def test_adaptive_softmax_normalised_loss_matches_and_sampling_deterministic():
     m = tiny('xl', vocab_size=50, cutoffs=(10, 30))
     x, y = torch.randint(0, 50, (2, 10)), torch.randint(0, 50, (2, 10))
     logp, _ = m(x)
     assert torch.allclose(logp.exp().sum(-1), torch.ones(2, 10), atol=1e-5)
     nll, _ = m(x, None, y)
     assert torch.allclose(nll, -logp.gather(-1, y[..., None])[..., 0], atol=1e-5)
+    m, outs = tiny('rmt', vocab_size=40).eval(), []
+    for _ in range(2):
+        torch.manual_seed(1)
+        outs.append(m.generate(torch.tensor([[3, 4, 5]]), 17, temperature=0.9, top_k=5))
+    assert outs[0].shape == (1, 17) and torch.equal(outs[0], outs[1])
 
 
 def test_uniform_model_has_8_bpc_and_eval_reports_protocol():
-    from dataclasses import asdict
     from train import TrainConfig
     with tempfile.TemporaryDirectory() as d:
-        with open(f'{d}/corpus.txt', 'wb') as f:
-            f.write(bytes(np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8)))
+        _put(f'{d}/corpus.txt', np.random.default_rng(0).bytes(200_000))
         cfg = ModelConfig(arch='xl', vocab_size=256, n_layer=1, d_model=16, n_head=2, d_head=8,
                           d_inner=32, seg_len=16, mem_len=16, bptt_depth=0)
         m = MemTransformer(cfg)
         torch.nn.init.zeros_(m.tok_emb.weight)         # every logit 0: uniform over 256 bytes
         tc = TrainConfig(task='text', data_path=f'{d}/corpus.txt', batch_size=4)
-        torch.save(dict(model=m.state_dict(), model_cfg=asdict(cfg), train_cfg=asdict(tc)),
+        torch.save(dict(model=m.state_dict(), model_cfg=vars(cfg), train_cfg=vars(tc)),
                    f'{d}/u.pt')
         r = run('train.py', '--mode', 'eval', '--init_from', f'{d}/u.pt', '--mem_len', '48',
                 '--eval_tokens', '640')
@@ -471,17 +436,7 @@ def test_uniform_model_has_8_bpc_and_eval_reports_protocol():
             assert 'bpc 8.0000' in line and 'n 640' in line, r.stdout
 
 
-def test_sampling_length_and_seed_determinism():
-    m = tiny('rmt', vocab_size=40).eval()
-    outs = []
-    for _ in range(2):
-        torch.manual_seed(1)
-        outs.append(m.generate(torch.tensor([[3, 4, 5]]), 17, temperature=0.9, top_k=5))
-    assert outs[0].shape == (1, 17) and torch.equal(outs[0], outs[1])
-
-
 # ----------------------------------------------------------------------------- TRAMS
-
 
 def _run_trams(m, x, sel):      # sel None: plain XL
     trams.attach(m, sel)
@@ -498,13 +453,6 @@ def test_trams_with_nothing_to_drop_equals_xl_bit_for_bit():
     assert not torch.equal(_run_trams(m, x, trams.Selection('trams', 3, 4))[0], ref)  # drops 1
 
 
-def test_trams_cheap_scores_equal_explicit_reformulated_keys():
-    w_q, k = torch.randn(3 * 4, 10).double(), torch.randn(2, 3, 7, 4).double()  # H 3, D 4, C 10
-    k_ref = torch.einsum('hdc,bhnd->bhnc', w_q.view(3, 4, 10), k)     # K' = W_Q,hᵀ k, (B,H,N,C)
-    assert torch.allclose(trams.trams_scores(w_q, k), k_ref.norm(dim=-1) * k_ref.sum(-1).abs())
-    assert torch.allclose(trams.trams_scores(w_q, k, paper=True), k_ref.sum(-1) / 10 ** 0.5)
-
-
 def test_trams_indices_sorted_recent_kept_per_head_and_pool_unchanged():
     m, x, inputs = tiny('xl', mem_len=12, n_head=4).eval(), torch.randint(0, 12, (2, 30)), []
     hook = m.blocks[1].register_forward_pre_hook(lambda mod, a: inputs.append(a[0]))
@@ -519,7 +467,11 @@ def test_trams_indices_sorted_recent_kept_per_head_and_pool_unchanged():
         assert torch.equal(state.cache[1], torch.cat(inputs, 1)[:, -12:])  # FIFO of all inputs
 
 
-def test_trams_oracle_keeps_most_attention_mass():
+def test_trams_cheap_scores_explicit_and_oracle_keeps_most_attention_mass():
+    w_q, k = torch.randn(3 * 4, 10).double(), torch.randn(2, 3, 7, 4).double()  # H 3, D 4, C 10
+    k_ref = torch.einsum('hdc,bhnd->bhnc', w_q.view(3, 4, 10), k)     # K' = W_Q,hᵀ k, (B,H,N,C)
+    assert torch.allclose(trams.trams_scores(w_q, k), k_ref.norm(dim=-1) * k_ref.sum(-1).abs())
+    assert torch.allclose(trams.trams_scores(w_q, k, paper=True), k_ref.sum(-1) / 10 ** 0.5)
     B, H, S, P, D, R, K, mask = 2, 3, 4, 20, 8, 4, 5, build_mask(20, 0, 4, 0)
     qu, k, bd = (torch.randn(B, H, *shape) for shape in ((S, D), (P + S, D), (S, P + S)))
     probs = ((qu @ k.transpose(2, 3) + bd) / D ** 0.5).masked_fill(~mask, -1e9).softmax(-1)
@@ -567,17 +519,17 @@ def test_trams_command_table_and_bad_input():
 
 # ----------------------------------------------------------------------------- command line
 
-
 def test_bad_input_exits_2_with_one_line():
     with tempfile.TemporaryDirectory() as d:
-        cfg = dict(model={}, model_cfg=vars(ModelConfig(arch='xl')), train_cfg={})
-        torch.save(cfg, f'{d}/xl.pt')
+        torch.save(dict(model={}, model_cfg=vars(ModelConfig(arch='xl')), train_cfg={}),
+                   f'{d}/xl.pt')
         _put(f'{d}/cut.pt', open(f'{d}/xl.pt', 'rb').read()[:300])     # truncated
         _put(f'{d}/empty.txt', b'')
         for args in ('--nope 1', '--arch gpt', '--task nope', '--lr fast', '--seg_len 0',
                      '--arch rmt --n_mem_tokens 0', '--arch mt --n_mem_tokens=0', '--seq_len 0',
-                     '--arch xl --mem_len 0', '--init_from /nonexistent.pt', f'--resume --out_dir {d}',
-                     f'--init_from {d}/cut.pt', f'--init_from {d}/empty.txt',
+                     '--arch xl --mem_len 0', '--init_from /nonexistent.pt',
+                     f'--resume --out_dir {d}', f'--init_from {d}/cut.pt',
+                     f'--init_from {d}/empty.txt',
                      f'--init_from {d}/xl.pt --arch rmt', '--task text --data_path /nonexistent',
                      f'--task text --data_path {d}/empty.txt'):
             r = run('train.py', *args.split())
@@ -597,8 +549,7 @@ def test_sigkill_sigterm_resume_exactly_and_nonfinite_stop():
             else subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, text=True)
 
     def losses(r):
-        return {ln.split(' | ')[0]: ln.split(' | ')[1] for ln in r.stdout.splitlines()
-                if ln.startswith('step ')}
+        return dict(ln.split(' | ')[:2] for ln in r.stdout.splitlines() if ln.startswith('step '))
     with tempfile.TemporaryDirectory() as d:
         _put(f'{d}/t.txt', open(os.path.join(HERE, 'train.py'), 'rb').read() * 20)
         full = train('--max_iters', '12', '--out_dir', f'{d}/a')
