@@ -440,7 +440,9 @@ def main(argv):
     res = evaluate('test')
     if master:
         print(f'test: {fmt(res)}')
-    if ddp:
+    if ddp:  # DDP's reducer goes before the process group: else gloo may abort at exit
+        del model
+        dist.barrier()
         dist.destroy_process_group()
 
 
