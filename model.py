@@ -112,13 +112,13 @@ class RelAttention(nn.Module):
 
     def forward(self, h, cache, pos, u, v, mask):
         B, S, _ = h.shape
+        q = self.q(h).view(B, S, self.H, self.D).transpose(1, 2)                  # (B, H, S, D)
+        if self.selection is not None and cache is not None and not self.training:
+            y = self.selection.attend(self, q, h, cache, pos, u, v, mask)  # TRAMS: a subset
+            return self.drop(self.o(y.transpose(1, 2).reshape(B, S, -1)))        # (B, S, C)
         hk = h if cache is None else torch.cat([cache, h], 1)                    # (B, K, C)
         K = hk.size(1)
-        q = self.q(h).view(B, S, self.H, self.D).transpose(1, 2)                  # (B, H, S, D)
         k, val = self.kv(hk).view(B, K, 2, self.H, self.D).permute(2, 0, 3, 1, 4)  # (B, H, K, D)
-        if self.selection is not None and cache is not None and not self.training:
-            y = self.selection.attend(self, q, k, val, pos, u, v, mask)  # TRAMS: attend to a subset
-            return self.drop(self.o(y.transpose(1, 2).reshape(B, S, -1)))        # (B, S, C)
         r = self.r(pos).view(-1, self.H, self.D).transpose(0, 1)                 # (H, R, D)
         bd = rel_shift((q + v[:, None]) @ r.transpose(1, 2), K)                  # (B, H, S, K)
         bias = (bd / math.sqrt(self.D)).masked_fill(~mask, float('-inf'))

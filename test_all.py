@@ -458,13 +458,15 @@ def test_trams_indices_sorted_recent_kept_per_head_and_pool_unchanged():
     hook = m.blocks[1].register_forward_pre_hook(lambda mod, a: inputs.append(a[0]))
     for how in ('trams', 'trams_paper', 'oracle', 'random'):
         sel, inputs[:] = trams.Selection(how, 3, 4), []
-        _, state = _run_trams(m, x, sel)
+        out, state = _run_trams(m, x, sel)
         for idx in sel.picked.values():            # (B, H, 7) of a pool of 12
             assert idx.shape == (2, 4, 7) and idx.min() >= 0 and idx.max() < 12, how
             assert (idx[..., 1:] > idx[..., :-1]).all() and (     # sorted, hence unique
                 idx[..., -3:] == torch.arange(9, 12)).all(), how     # the recent block, always
             assert len({tuple(h.tolist()) for h in idx[0]}) > 1, how   # heads pick differently
         assert torch.equal(state.cache[1], torch.cat(inputs, 1)[:, -12:])  # FIFO of all inputs
+        fresh = trams.Selection(how, 3, 4, kv=type('NoKeep', (dict,), dict(get=lambda *a: None))())
+        assert torch.allclose(out, _run_trams(m, x, fresh)[0], atol=1e-5), how  # kept K/V = fresh
 
 
 def test_trams_cheap_scores_explicit_and_oracle_keeps_most_attention_mass():

@@ -1,12 +1,9 @@
-"""
-TRAMS: Training-free Memory Selection (Yu et al., EMNLP 2023 Findings) for an `xl` checkpoint.
-The pool of every layer stays XL's FIFO of M = mem_len cached inputs (memory.update_cache); at
-evaluation each layer, head and batch row attends only to [K selected | R recent | current]:
-the R newest pool states always, plus the K older ones with the best score. No training.
-  python trams.py out/ckpt.pt --mem_len 400 --select_recent 150 --select_topk 50 --seg_len 64
-Shape legend: B batch, H heads, S segment tokens, P pool states, N = P-R candidates,
-n = K+R kept states, D head dim, C d_model.
-"""
+"""TRAMS: Training-free Memory Selection (Yu et al., EMNLP 2023 Findings) for an `xl` checkpoint.
+The pool stays XL's FIFO of M = mem_len inputs per layer; at evaluation each layer, head and batch
+row attends to [K selected | R recent | current]: the R newest pool states, plus the K older ones
+with the best score. No training. `python trams.py out/ckpt.pt --mem_len 400 --select_recent 150
+--select_topk 50 --seg_len 64`. Shapes: B batch, H heads, S segment, P pool, N = P-R candidates,
+n = K+R kept, D head dim, C d_model."""
 import argparse
 import itertools
 import math
@@ -37,10 +34,11 @@ class Selection:
     mass: float = 0.0              # stats: attention probability on memory, summed over ...
     queries: int = 0               # ... this many (query, head, layer) triples
     picked: dict = field(default_factory=dict)  # layer -> kept pool indices (B, H, n), for --show
+    kv: dict = field(default_factory=dict)      # layer -> keys, values of [pool | last segment]
     gen: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))  # random
 
-    def attend(self, attn, q, k, val, pos, u, v, mask):  # called by model.RelAttention.forward
-        return attend(self, attn, q, k, val, pos, u, v, mask)
+    def attend(self, attn, q, h, cache, pos, u, v, mask):  # called by model.RelAttention
+        return attend(self, attn, q, h, cache, pos, u, v, mask)
 
 
 def attach(model, sel):
@@ -88,13 +86,21 @@ def positions(raw, S, idx=None):
     return torch.cat([kept, bd[..., -S:]], -1)                                # (B, H, S, n+S)
 
 
-def attend(sel, attn, q, k, val, pos, u, v, mask):
-    """RelAttention over [selected | recent | current]; keys k, val (B, H, P+S, D) cover the pool.
-    Without anything to drop this is exactly the plain XL computation."""
+def attend(sel, attn, q, h, cache, pos, u, v, mask):
+    """RelAttention over [selected | recent | current] of the pool `cache` (B, P, C) and h. Pool
+    keys and values are computed once, when a state enters the pool, and kept in sel.kv (plain XL
+    recomputes them every segment). Nothing to drop: exactly plain XL."""
     B, H, S, D = q.shape
-    P, R, K = k.size(2) - S, sel.select_recent, sel.select_topk
+    P, R, K = cache.size(1), sel.select_recent, sel.select_topk
     on = sel.mem_select != 'none' and R + K < P and (
         not sel.select_layers or attn.layer in sel.select_layers)         # paper Fig. 7
+    old = sel.kv.get(attn.layer)
+    reuse = on and old is not None and old[0].size(2) >= P   # the pool = the newest P kept
+    x = h if reuse else torch.cat([cache, h], 1)
+    k, val = attn.kv(x).view(B, x.size(1), 2, H, D).permute(2, 0, 3, 1, 4)    # (B, H, ., D)
+    if reuse:
+        k, val = torch.cat([old[0][:, :, -P:], k], 2), torch.cat([old[1][:, :, -P:], val], 2)
+    sel.kv[attn.layer] = (k, val)                                              # (B, H, P+S, D)
     n = R + K if on else P
     full = on and (sel.select_true_pos or sel.mem_select == 'oracle')   # every distance needed
     r = attn.r(pos if full else pos[P - n:]).view(-1, H, D).transpose(0, 1)   # (H, ., D)
@@ -128,8 +134,8 @@ def attend(sel, attn, q, k, val, pos, u, v, mask):
 
 
 def evaluate(model, tokens, sel, a, device):
-    """Paper protocol: a.batch_size contiguous streams, every target scored once, memory carried.
-    Returns (mean NLL, tokens scored, seconds, probability on memory, peak MB)."""
+    """Paper protocol: contiguous streams, every target scored once, memory carried. Returns
+    (mean NLL, tokens scored, seconds, probability on memory, peak MB)."""
     model.cfg = replace(model.cfg, mem_len=a.pool, seg_len=a.seg_len)
     attach(model, sel)
     if device.type == 'cuda':
@@ -148,8 +154,7 @@ def evaluate(model, tokens, sel, a, device):
 
 
 def compare(model, tokens, a, device, rows):
-    """rows: (name, mem_select, pool size). Pass 0: metrics and attention statistic (its value
-    column slows SDPA); seconds: median of --repeat more passes, rows interleaved (side by side)."""
+    """rows: (name, mem_select, pool). Pass 0: metrics and statistic; then --repeat timed passes."""
     res, times = {}, {name: [] for name, _, _ in rows}
     for rep in range(a.repeat + 1):
         for name, how, pool in rows:
@@ -195,8 +200,8 @@ def main(argv):
                               select_topk=50, seg_len=64, batch_size=10, eval_tokens=0, repeat=1,
                               select_layers='', sweep='', layer=-1, head=0, device='auto').items():
         p.add_argument(f'--{name}', type=type(default), default=default)
-    p.add_argument('--select_true_pos', action='store_true')
-    p.add_argument('--show', action='store_true')
+    for name in ('--select_true_pos', '--show'):
+        p.add_argument(name, action='store_true')
     a = p.parse_args(argv)
     ckpt = load_checkpoint(a.ckpt)
     mc, tc = ckpt['model_cfg'], ckpt['train_cfg']
