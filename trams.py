@@ -60,25 +60,21 @@ def trams_scores(w_q, k, paper=False):
 
 
 def oracle_scores(qu, k, bd, mask, N):
-    """Paper Fig. 1 upper bound: the attention probability each of the N candidates gets from the
-    current queries when every key is present (needs the full scores: not a speed-up)."""
+    """Paper Fig. 1 upper bound: attention mass of each of the N candidates (not a speed-up)."""
     logits = (qu @ k.transpose(2, 3) + bd) / math.sqrt(k.size(3))              # (B, H, S, P+S)
     return logits.masked_fill(~mask, float('-inf')).softmax(-1)[..., :N].sum(2)  # (B, H, N)
 
 
 def select(scores, n_topk, P):
-    """Kept pool indices in time order: the n_topk best of the N oldest states (scores (B, H, N)),
-    then the P-N recent ones, always."""
+    """Kept pool indices in time order: the n_topk best of the N oldest, then the P-N recent."""
     old = scores.topk(n_topk, -1).indices.sort(-1).values                     # (B, H, K)
     recent = torch.arange(scores.size(-1), P, device=scores.device)
     return torch.cat([old, recent.expand(*old.shape[:2], -1)], -1)             # (B, H, n)
 
 
 def positions(raw, S, idx=None):
-    """Positional scores (B, H, S, n+S) from raw = (q+v)·W_R r over descending distances.
-    idx None: the keys take the contiguous slots the table covers (official code: selected
-    states look closer than they are). idx (B, H, n): the pool's key j keeps its true distance,
-    column S-1-i+j of the table (rel_shift's out[i, j] = x[i, S-1-i+j])."""
+    """Positional scores (B, H, S, n+S) from raw = (q+v)·W_R r. idx None: contiguous slots (official
+    code: selected states look closer); idx (B, H, n): true distances, column S-1-i+j."""
     bd = rel_shift(raw, raw.size(-1) - S)                                      # (B, H, S, P+S)
     if idx is None:
         return bd
@@ -88,8 +84,7 @@ def positions(raw, S, idx=None):
 
 def attend(sel, attn, q, h, cache, pos, u, v, mask):
     """RelAttention over [selected | recent | current] of the pool `cache` (B, P, C) and h. Pool
-    keys and values are computed once, when a state enters the pool, and kept in sel.kv (plain XL
-    recomputes them every segment). Nothing to drop: exactly plain XL."""
+    K/V are computed once, as a state enters the pool (sel.kv). Nothing to drop: plain XL."""
     B, H, S, D = q.shape
     P, R, K = cache.size(1), sel.select_recent, sel.select_topk
     on = sel.mem_select != 'none' and R + K < P and (
