@@ -382,16 +382,16 @@ def main(argv):
         for micro in range(tcfg.grad_accum):
             if algo:
                 x, y, w = loaders['train'].batch(it * tcfg.grad_accum + micro)
-                w = w.to(device)
+                n_tok, w = n_tok + int(w.sum()), w.to(device)   # counted on the CPU: no sync
             else:
                 (x, y), w = loaders['train'].next(), None
+                n_tok += y.numel()
             x, y = x.to(device), y.to(device)
             sync = not ddp or micro == tcfg.grad_accum - 1
             with model.no_sync() if not sync else torch.enable_grad():
                 nll, states[micro] = model(x, None if algo else states[micro], y)
                 loss = nll.mean() if w is None else (nll * w).sum() / w.sum()
                 (loss / tcfg.grad_accum).backward()
-            n_tok += nll.numel() if w is None else int(w.sum())
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
         step = it + 1
         if not torch.isfinite(gnorm):            # the same on every rank: grads are reduced
