@@ -10,6 +10,7 @@ module buffers (DDP would overwrite buffers with rank 0's copy).
 from collections import namedtuple
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 State = namedtuple('State', 'cache mem')
 
@@ -57,7 +58,7 @@ def detach(state):
     return State(state.cache, None if state.mem is None else state.mem.detach())
 
 
-def run_segments(segment, x, state, targets, seg_len, bptt_depth):
+def run_segments(segment, x, state, targets, seg_len, bptt_depth, grad_checkpoint=False):
     """Run `segment` over consecutive chunks of seg_len tokens of x (B, T_all), carrying the state.
 
     BPTT-k (the paper's bptt_depth k): the memory is detached so that the gradient of a segment's
@@ -72,6 +73,9 @@ def run_segments(segment, x, state, targets, seg_len, bptt_depth):
         if s == 0 or (bptt_depth >= 0 and (n - s) % (bptt_depth + 1) == 0):
             state = detach(state)                                         # BPTT cut point
         chunk = slice(s * seg_len, (s + 1) * seg_len)
-        out, state = segment(x[:, chunk], state, None if targets is None else targets[:, chunk])
+        args = x[:, chunk], state, None if targets is None else targets[:, chunk]
+        # the last segment's backward comes right away: nothing to gain by recomputing it
+        out, state = checkpoint(segment, *args, use_reentrant=False) \
+            if grad_checkpoint and s < n - 1 else segment(*args)
         outs.append(out)
     return torch.cat(outs, 1), state

@@ -41,6 +41,7 @@ class ModelConfig:
     clamp_len: int = 0         # > 0: cap |distance| in the positional term
     cutoffs: tuple = ()        # adaptive softmax cluster starts (wt103); () = full softmax
     aux_mem_loss: float = 0.0  # rmt, xl_rmt: weight of the auxiliary memory loss (paper: 0.01)
+    grad_checkpoint: bool = False  # recompute each segment in the backward pass: less memory
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -94,10 +95,24 @@ def rel_shift(x, K):
     return x.view(B, H, S, R - 1)[..., :K]                                     # (B, H, S, K)
 
 
+def attention(q, k, v, bias, dropatt=0.0):
+    """softmax(q·kᵀ/sqrt(D) + bias)·v; q (B, H, S, D), k and v (B, H, K, D), bias (B, H, S, K).
+    SDPA where it is the faster kernel (CUDA; CPU fp32 inference). On the CPU, SDPA falls back to
+    a slower path when the bias needs a gradient or in bf16 (3-4x in our bench), so the plain
+    formula runs there. test_all.py checks that both give the same output."""
+    B, H, S, D = q.shape
+    if q.is_cuda or (q.dtype == torch.float32 and not torch.is_grad_enabled()):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropatt)
+    a = torch.baddbmm(bias.flatten(0, 1), q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2),
+                      alpha=1 / math.sqrt(D)).softmax(-1)                        # (B*H, S, K)
+    a = F.dropout(a, dropatt) if dropatt else a
+    return (a @ v.flatten(0, 1)).view(B, H, S, D)                                # (B, H, S, D)
+
+
 class RelAttention(nn.Module):
     """Tr-XL relative attention (Dai et al. 2019, §3.3): score(i, j) = [(q_i+u)·k_j +
-    (q_i+v)·W_R r_{d(i,j)}] / sqrt(D); keys and values also cover the cache. Softmax by SDPA
-    with the positional term and the mask as an additive bias."""
+    (q_i+v)·W_R r_{d(i,j)}] / sqrt(D); keys and values also cover the cache. The positional term
+    and the mask enter `attention` as an additive bias."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -122,8 +137,7 @@ class RelAttention(nn.Module):
         r = self.r(pos).view(-1, self.H, self.D).transpose(0, 1)                 # (H, R, D)
         bd = rel_shift((q + v[:, None]) @ r.transpose(1, 2), K)                  # (B, H, S, K)
         bias = (bd / math.sqrt(self.D)).masked_fill(~mask, float('-inf'))
-        y = F.scaled_dot_product_attention(q + u[:, None], k, val, attn_mask=bias,
-                                           dropout_p=self.dropatt if self.training else 0.0)
+        y = attention(q + u[:, None], k, val, bias, self.dropatt if self.training else 0.0)
         return self.drop(self.o(y.transpose(1, 2).reshape(B, S, -1)))            # (B, S, C)
 
 
@@ -178,8 +192,8 @@ class MemTransformer(nn.Module):
     def forward(self, idx, state=None, targets=None):
         """idx (B, T_all) is cut into segments of cfg.seg_len; memory.run_segments carries the
         state across them and places the BPTT cut points."""
-        return memory.run_segments(self.segment, idx, state, targets,
-                                   self.cfg.seg_len, self.cfg.bptt_depth)
+        return memory.run_segments(self.segment, idx, state, targets, self.cfg.seg_len,
+                                   self.cfg.bptt_depth, self.cfg.grad_checkpoint)
 
     def segment(self, idx, state=None, targets=None):
         """One segment: idx (B, T) with the state of the previous segment."""
@@ -215,6 +229,18 @@ class MemTransformer(nn.Module):
             aux = self.nll(mem, torch.zeros(mem.shape[:2], dtype=torch.long, device=mem.device))
             nll = nll + cfg.aux_mem_loss * aux.mean(1, keepdim=True)
         return nll, new_state
+
+    def flops_per_token(self, train=True):
+        """Model FLOPs per segment token (2 per multiply-add; backward = 2x forward), counting the
+        matmuls: projections over S rows (K for keys/values, R for W_R), attention scores,
+        values and positional term, FFN, output layer (full softmax). Used for MFU."""
+        cfg = self.cfg
+        T, HD, M = cfg.seg_len, cfg.n_head * cfg.d_head, cfg.n_mem_tokens
+        S = T + (2 * M if cfg.arch in ('rmt', 'xl_rmt') else M)
+        K, C = cfg.mem_len + S, cfg.d_model
+        layer = C * HD * (2 * S + 2 * K) + C * HD * (K + S) + HD * S * (3 * K + S) \
+            + 2 * S * C * cfg.d_inner                                   # q o, kv, W_R, attn, FFN
+        return 2 * (3 if train else 1) * (cfg.n_layer * layer / T + C * cfg.vocab_size)
 
     def log_probs(self, h):
         """Log-probabilities (B, T, V): tied output layer with bias, or the adaptive softmax."""

@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import io
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -110,6 +111,32 @@ def test_bptt_depth_reaches_exactly_k_segments():
         reached = [s for s in range(4) if g[5 * s:5 * s + 5].sum() > 0]
         expect = list(range(4)) if k == -1 else list(range(3 - k, 4))
         assert reached == expect, (k, reached)
+    for arch in ('rmt', 'xl_rmt'):          # --grad_checkpoint: the same loss and gradients
+        runs = []
+        for gc in (False, True):
+            m = tiny(arch, dropout=0.1, grad_checkpoint=gc)
+            torch.manual_seed(1)            # dropout: recomputation must replay the same masks
+            nll, _ = m(idx, None, idx)
+            nll.mean().backward()
+            runs.append([nll] + [p.grad for p in m.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*runs)), arch
+
+
+def test_fast_attention_path_equals_plain_path():
+    """SDPA (CUDA; CPU fp32 inference) and the plain formula (CPU training, bf16) agree for
+    every arch, memory masks included, and under TRAMS selection."""
+    x = torch.randint(0, 12, (2, 23))
+    for arch in ARCHS:
+        m = tiny(arch, dropout=0.1).eval()
+        with torch.no_grad():               # larger weights: peaked attention, a sensitive test
+            [p.mul_(10) for n, p in m.named_parameters() if 'attn' in n]
+        for on in ((False, True) if arch == 'xl' else (False,)):
+            outs = []
+            for grad in (False, True):      # no grad: SDPA on the CPU; grad: the plain formula
+                trams.attach(m, trams.Selection('trams', 2, 1) if on else None)
+                with torch.set_grad_enabled(grad):
+                    outs.append(m(x)[0])
+            assert (outs[0] - outs[1]).abs().max() < 1e-5, (arch, on)
 
 
 def test_xl_cache_is_fifo_detached_and_mem_len_long():
@@ -382,8 +409,8 @@ def test_free_running_exact_and_tiny_rmt_learns_copy_baseline_cannot():
 
 def test_ddp_two_processes_equal_one_process():
     with tempfile.TemporaryDirectory() as d:
-        common = ['--dropout', '0', '--max_iters', '3', '--eval_interval', '3',
-                  '--eval_examples', '8', '--device', 'cpu', '--n_layer', '2']
+        common = ['--dropout', '0', '--max_iters', '3', '--eval_interval', '3', '--dtype',
+                  'float32', '--eval_examples', '8', '--device', 'cpu', '--n_layer', '2']
         r1 = run('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
                  *common, '--batch_size', '4', '--out_dir', f'{d}/ddp')
         r2 = run('train.py', *common, '--batch_size', '8', '--out_dir', f'{d}/one')
@@ -434,6 +461,11 @@ def test_uniform_model_has_8_bpc_and_eval_reports_protocol():
         assert 'mem_len 48' in r.stdout and 'seg_len 16' in r.stdout, r.stdout
         for line in r.stdout.splitlines()[1:]:
             assert 'bpc 8.0000' in line and 'n 640' in line, r.stdout
+        for task in ('copy', 'text'):           # --mode bench: one line that scripts parse
+            r = run('train.py', '--mode', 'bench', '--task', task, '--data_path', f'{d}/corpus.txt',
+                    '--bench_iters', '2', '--n_layer', '1', '--batch_size', '4', '--data_dir', d)
+            assert re.fullmatch(r'bench: train \d+ tok/s, eval \d+ tok/s, peak -?\d+ MB, step \d+ ms',
+                                (r.stdout.splitlines() or [""])[-1]), r.stdout + r.stderr
 
 
 # ----------------------------------------------------------------------------- TRAMS

@@ -7,7 +7,9 @@ or many GPUs with torchrun.
   python train.py --resume                             # continue the run in out_dir exactly
   python train.py --mode eval --init_from out/ckpt.pt --mem_len 400
   python train.py --mode sample --init_from out/ckpt.pt --prompt "The "
+  python train.py --mode bench --task enwik8 --preset enwik8 --batch_size 8   # speed, one line
 """
+import ctypes
 import math
 import os
 import signal
@@ -30,7 +32,7 @@ from model import MemTransformer, ModelConfig
 class TrainConfig:
     task: str = 'copy'         # copy | reverse | retrieval | sqeq | enwik8 | wt103 | text
     preset: str = ''           # a PRESETS key; '' = '<task>_cpu' on a CPU, '<task>' on a GPU
-    mode: str = 'train'        # train | eval | sample
+    mode: str = 'train'        # train | eval | sample | bench (timed steps, one result line)
     seq_len: int = 24          # copy, reverse: source length S (paper: 24, 40, 120, 240, 360)
     data_dir: str = 'data'     # where enwik8 / wt103 / text splits are prepared
     data_path: str = ''        # text: any local file, read as bytes
@@ -48,6 +50,9 @@ class TrainConfig:
     log_interval: int = 250    # steps between log lines
     seed: int = 1337
     device: str = 'auto'       # auto | cpu | cuda | cuda:N
+    dtype: str = 'auto'        # float32 | bfloat16 | float16 autocast; auto: bf16 where it is fast
+    compile: bool = False      # torch.compile each segment (GPU; minutes to compile on a CPU)
+    bench_iters: int = 10      # bench: timed training and evaluation steps, after 3 warm-up steps
     out_dir: str = 'out'       # checkpoints: ckpt.pt (latest), best.pt (best validation)
     init_from: str = ''        # checkpoint to evaluate, sample or fine-tune ('' = scratch)
     resume: bool = False       # continue the run in out_dir from its ckpt.pt, exactly
@@ -93,6 +98,7 @@ PRESETS['enwik8_cpu'] = dict(LM, task='enwik8', n_layer=4, d_model=128, n_head=4
                              seg_len=64, mem_len=64, n_mem_tokens=8, log_interval=100)
 PRESETS['text_cpu'] = dict(PRESETS['enwik8_cpu'], task='text')
 PRESETS['wt103_cpu'] = dict(PRESETS['enwik8_cpu'], task='wt103', seg_len=32, mem_len=32)
+PEAK_TFLOPS = {'H100': 989, 'H200': 989, 'A100': 312}   # dense bf16 per GPU; TF32 is half (MFU)
 
 
 def die(msg):
@@ -153,11 +159,13 @@ def make_configs(given, ckpt=None):
                              + ', '.join(data.ALGO_TASKS + data.LM_TASKS))
         if tcfg.mode == 'sample' and tcfg.task not in data.LM_TASKS:
             raise ValueError('--mode sample needs a language-modelling task (enwik8, wt103, text)')
-        for k, ok in (('mode', ('train', 'eval', 'sample')), ('schedule', ('plateau', 'cosine'))):
+        for k, ok in (('mode', ('train', 'eval', 'sample', 'bench')),
+                      ('schedule', ('plateau', 'cosine')),
+                      ('dtype', ('auto', 'float32', 'bfloat16', 'float16'))):
             if getattr(tcfg, k) not in ok:
                 raise ValueError(f"unknown {k} '{getattr(tcfg, k)}': use one of {', '.join(ok)}")
         for k in ('seq_len', 'batch_size', 'grad_accum', 'max_iters', 'eval_interval',
-                  'log_interval'):
+                  'log_interval', 'bench_iters'):
             if getattr(tcfg, k) < 1:
                 raise ValueError(f'--{k} must be >= 1')
         mcfg = ModelConfig(**mc)
@@ -198,6 +206,39 @@ def load_checkpoint(path, resume=False):
     return ckpt
 
 
+def autocast_dtype(name, device):
+    """--dtype auto: bf16 where the hardware runs it fast (CUDA with bf16; a CPU with AMX or
+    AVX512-BF16), else fp32. Weights and optimizer stay fp32 either way (autocast)."""
+    if name != 'auto':
+        return getattr(torch, name)
+    if device.startswith('cuda'):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        flags = open('/proc/cpuinfo').read()
+    except OSError:
+        return torch.float32
+    return torch.bfloat16 if 'amx_bf16' in flags or 'avx512_bf16' in flags else torch.float32
+
+
+def memory_bytes(device, peak=False):
+    """Bytes in use now (and start tracking the peak), or the peak since then (peak=True). CUDA:
+    the allocator's counters. CPU (Linux): the resident set, after handing freed heap memory back
+    to the OS and resetting the high-water mark; elsewhere 0."""
+    if device.startswith('cuda'):
+        if not peak:
+            torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
+    try:
+        if not peak:
+            ctypes.CDLL('libc.so.6').malloc_trim(0)
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')
+        status = open('/proc/self/status').read()
+        return int(status.split('VmHWM:' if peak else 'VmRSS:')[1].split()[0]) * 1024
+    except (OSError, IndexError):
+        return 0
+
+
 def main(argv):
     if '--help' in argv or '-h' in argv:
         for c in (ModelConfig, TrainConfig):
@@ -221,7 +262,11 @@ def main(argv):
     else:
         rank, world = 0, 1
         device = tcfg.device if tcfg.device != 'auto' else ('cuda' if use_cuda else 'cpu')
-    master = rank == 0
+    master, cuda = rank == 0, device.startswith('cuda')
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # fp32 on GPU
+    dtype = autocast_dtype(tcfg.dtype, device)
+    ctx = torch.autocast(device.split(':')[0], dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device.split(':')[0], enabled=dtype == torch.float16)
     torch.manual_seed(tcfg.seed + rank)          # dropout differs per rank; init is broadcast
 
     # ------------------------------------------------------------------------- data
@@ -253,7 +298,7 @@ def main(argv):
 
     # ------------------------------------------------------------------------- model / optimizer
     model = MemTransformer(mcfg).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr, fused=cuda)
     if tcfg.schedule == 'cosine':
         def lr_lambda(it):
             if it < tcfg.warmup_iters:
@@ -283,12 +328,14 @@ def main(argv):
             start, best_val = ckpt['step'], ckpt['best_val']
             mine = ckpt['ranks'][rank]
             torch.set_rng_state(mine['rng'])
-            if mine['cuda_rng'] is not None and device.startswith('cuda'):
+            if mine['cuda_rng'] is not None and cuda:
                 torch.cuda.set_rng_state(mine['cuda_rng'])
             states = [memory.to_device(s, device) for s in mine['memory']]
             if not algo:
                 loaders['train'].load_state_dict(ckpt['loader'])
     raw = model
+    if tcfg.compile:     # each segment is one graph; shapes settle after the first segments
+        raw.segment = torch.compile(raw.segment)
     if ddp:  # no buffers to broadcast: memory is passed in and out of forward
         # LM streams carry RMT memory from step to step, so the initial memory goes unused
         model = DDP(model, device_ids=[device] if device != 'cpu' else None,
@@ -307,28 +354,73 @@ def main(argv):
         """Algorithmic: answer loss, teacher-forced and free-running per-token accuracy, exact
         match. LM: token-weighted NLL over this rank's streams -> bpc or perplexity."""
         raw.eval()
-        if algo:
-            sums = [0.0] * 6
-            for x, y, w in loaders[split].eval_batches(4 * tcfg.batch_size,
-                                                       tcfg.eval_examples or None):
-                batch = data.answer_metrics(raw, x.to(device), y.to(device), w.to(device),
-                                            spec['ans_len'], spec['score_len'])
-                sums = [a + b for a, b in zip(sums, batch)]
-            nll, n, n_ans, tf, fr, em = reduce(sums)
-            n_ex = n_ans / spec['score_len']
-            res = dict(loss=nll / n, acc_tf=tf / n_ans, acc_free=fr / n_ans, exact=em / n_ex,
-                       n=int(n_ex))
-        else:
-            state, nll, n = None, 0.0, 0
-            for x, y in loaders[split].eval_windows(mcfg.seg_len, tcfg.eval_tokens or None):
-                out, state = raw(x.to(device), state, y.to(device))
-                nll, n = nll + out.sum().item(), n + out.numel()
-            nll, n = reduce([nll, n])
-            res = dict(loss=nll / n, n=int(n))
-            res['bpc' if tcfg.task != 'wt103' else 'ppl'] = \
-                nll / n / math.log(2) if tcfg.task != 'wt103' else math.exp(nll / n)
+        with ctx:    # one autocast region per evaluation: weights are cast once
+            if algo:
+                sums = [0.0] * 6
+                for x, y, w in loaders[split].eval_batches(4 * tcfg.batch_size,
+                                                           tcfg.eval_examples or None):
+                    batch = data.answer_metrics(raw, x.to(device), y.to(device), w.to(device),
+                                                spec['ans_len'], spec['score_len'])
+                    sums = [a + b for a, b in zip(sums, batch)]
+                nll, n, n_ans, tf, fr, em = reduce(sums)
+                n_ex = n_ans / spec['score_len']
+                res = dict(loss=nll / n, acc_tf=tf / n_ans, acc_free=fr / n_ans, exact=em / n_ex,
+                           n=int(n_ex))
+            else:
+                state, nll, n = None, 0.0, 0
+                for x, y in loaders[split].eval_windows(mcfg.seg_len, tcfg.eval_tokens or None):
+                    out, state = raw(x.to(device), state, y.to(device))
+                    nll, n = nll + out.sum().item(), n + out.numel()
+                nll, n = reduce([nll, n])
+                res = dict(loss=nll / n, n=int(n))
+                res['bpc' if tcfg.task != 'wt103' else 'ppl'] = \
+                    nll / n / math.log(2) if tcfg.task != 'wt103' else math.exp(nll / n)
         raw.train()
         return res
+
+    def get_batch(i):
+        """Training batch i (algorithmic) or the streams' next window (LM) on the device, and the
+        number of tokens whose loss is trained (counted on the CPU: no device sync)."""
+        if algo:
+            x, y, w = loaders['train'].batch(i)
+        else:
+            (x, y), w = loaders['train'].next(), None
+        n = y.numel() if w is None else int(w.sum())
+        x, y, w = (t if t is None else (t.pin_memory() if cuda else t).to(device, non_blocking=True)
+                   for t in (x, y, w))                   # pinned: the copy overlaps compute
+        return x, y, w, n
+
+    def train_step(it):
+        """Forward and backward over grad_accum micro-steps, clip, then the optimizer step unless
+        the gradient is not finite. Returns loss, grad norm, trained and processed tokens."""
+        n_tok = n_seen = 0
+        for micro in range(tcfg.grad_accum):
+            x, y, w, n = get_batch(it * tcfg.grad_accum + micro)
+            n_tok, n_seen = n_tok + n, n_seen + x.numel()
+            sync = not ddp or micro == tcfg.grad_accum - 1
+            with model.no_sync() if not sync else torch.enable_grad():
+                with ctx:
+                    nll, states[micro] = model(x, None if algo else states[micro], y)
+                    loss = nll.float().mean() if w is None else (nll.float() * w).sum() / w.sum()
+                scaler.scale(loss / tcfg.grad_accum).backward()
+        scaler.unscale_(optimizer)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
+        ok = scaler.is_enabled() or torch.isfinite(gnorm)   # fp16: the scaler skips overflows
+        if ok:
+            scaler.step(optimizer)
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss, gnorm, n_tok, n_seen, ok
+
+    def mfu(tok_per_s, train):
+        """Model FLOP/s of this process, and the fraction of the GPU's peak where it is known."""
+        flops = raw.flops_per_token(train) * tok_per_s
+        peak = next((v for k, v in PEAK_TFLOPS.items()
+                     if cuda and k in torch.cuda.get_device_name(device)), None)
+        if peak is None:
+            return f'{flops / 1e12:.3f} TFLOP/s'
+        peak = peak * 1e12 / (2 if dtype == torch.float32 else 1)
+        return f'{flops / 1e12:.1f} TFLOP/s | mfu {flops / peak:.1%}'
 
     def fmt(res):
         return ' | '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
@@ -339,7 +431,7 @@ def main(argv):
         crosses steps. Called on every rank (it gathers), written by rank 0."""
         mine = dict(rng=torch.get_rng_state(), memory=[
             None if s is None else tuple(memory.to_device(s, 'cpu')) for s in states],
-            cuda_rng=torch.cuda.get_rng_state() if device.startswith('cuda') else None)
+            cuda_rng=torch.cuda.get_rng_state() if cuda else None)
         ranks = [mine]
         if ddp:
             ranks = [None] * world
@@ -368,6 +460,34 @@ def main(argv):
         print(corpus.decode(prompt.tolist() + out[0].tolist()))   # the prompt as the model saw it
         return
 
+    if tcfg.mode == 'bench':  # warm-up, timed training steps, timed evaluation steps, one line
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        for it in range(3):
+            train_step(it)
+        sync()
+        base, t0 = memory_bytes(device), time.time()
+        n_tok, n_seen = map(sum, zip(*(train_step(it)[2:4] for it in range(3, 3 + tcfg.bench_iters))))
+        sync()
+        dt_train, peak = time.time() - t0, memory_bytes(device, peak=True) - base
+        raw.eval()
+        with torch.no_grad(), ctx:
+            n_eval, n_seen_eval, state = 0, 0, None
+            for it in range(tcfg.bench_iters + 1):
+                if it == 1:                      # the first step is warm-up (casts, kernels)
+                    sync()
+                    t0, n_eval, n_seen_eval = time.time(), 0, 0
+                x, y, w, n = get_batch(it)
+                _, state = raw(x, None if algo else state, y)
+                n_eval, n_seen_eval = n_eval + n, n_seen_eval + x.numel()
+            sync()
+            dt_eval = time.time() - t0
+        if master:
+            print(f'model: {mfu(n_seen / dt_train, True)} training, {mfu(n_seen_eval / dt_eval, False)} '
+                  f'evaluation (dtype {str(dtype)[6:]}, {"compiled" if tcfg.compile else "eager"})')
+            print(f'bench: train {n_tok * world / dt_train:.0f} tok/s, eval {n_eval * world / dt_eval:.0f}'
+                  f' tok/s, peak {peak / 2**20:.0f} MB, step {1000 * dt_train / tcfg.bench_iters:.0f} ms')
+        return
+
     # ------------------------------------------------------------------------- training loop
     if master:
         os.makedirs(tcfg.out_dir, exist_ok=True)
@@ -377,25 +497,11 @@ def main(argv):
     signals = []                                 # SIGINT/SIGTERM: checkpoint, then exit
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda signum, frame: signals.append(signum))
-    t0, n_tok, skipped = time.time(), 0, 0
+    t0, n_tok, n_seen, skipped = time.time(), 0, 0, 0
     for it in range(start, tcfg.max_iters):
-        for micro in range(tcfg.grad_accum):
-            if algo:
-                x, y, w = loaders['train'].batch(it * tcfg.grad_accum + micro)
-                n_tok, w = n_tok + int(w.sum()), w.to(device)   # counted on the CPU: no sync
-            else:
-                (x, y), w = loaders['train'].next(), None
-                n_tok += y.numel()
-            x, y = x.to(device), y.to(device)
-            sync = not ddp or micro == tcfg.grad_accum - 1
-            with model.no_sync() if not sync else torch.enable_grad():
-                nll, states[micro] = model(x, None if algo else states[micro], y)
-                loss = nll.mean() if w is None else (nll * w).sum() / w.sum()
-                (loss / tcfg.grad_accum).backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
-        step = it + 1
-        if not torch.isfinite(gnorm):            # the same on every rank: grads are reduced
-            optimizer.zero_grad(set_to_none=True)
+        loss, gnorm, n, seen, ok = train_step(it)
+        n_tok, n_seen, step = n_tok + n, n_seen + seen, it + 1
+        if not ok:                               # the same on every rank: grads are reduced
             states, skipped = [None] * tcfg.grad_accum, skipped + 1
             if skipped > tcfg.skip_nonfinite:
                 print(f'error: non-finite loss or gradient at step {step}; the last good '
@@ -404,16 +510,14 @@ def main(argv):
                       file=sys.stderr)
                 sys.exit(1)
             continue
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         if tcfg.schedule == 'cosine':
             scheduler.step()
         if step % tcfg.log_interval == 0 and master:
             dt = time.time() - t0
             print(f'step {step} | loss {loss.item():.4f} | lr {optimizer.param_groups[0]["lr"]:.2e}'
                   f' | gnorm {gnorm.item():.2f} | {1000 * dt / tcfg.log_interval:.0f} ms/step | '
-                  f'{n_tok * world / dt:.0f} tok/s', flush=True)
-            t0, n_tok = time.time(), 0
+                  f'{n_tok * world / dt:.0f} tok/s | {mfu(n_seen / dt, True)}', flush=True)
+            t0, n_tok, n_seen = time.time(), 0, 0
         if step % tcfg.eval_interval == 0 or step == tcfg.max_iters:
             res = evaluate('val')
             if tcfg.schedule == 'plateau':
