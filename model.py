@@ -95,18 +95,21 @@ def rel_shift(x, K):
     return x.view(B, H, S, R - 1)[..., :K]                                     # (B, H, S, K)
 
 
-def attention(q, k, v, bias, dropatt=0.0):
-    """softmax(q·kᵀ/sqrt(D) + bias)·v; q (B, H, S, D), k and v (B, H, K, D), bias (B, H, S, K).
-    SDPA where it is the faster kernel (CUDA; CPU fp32 inference). On the CPU, SDPA falls back to
-    a slower path when the bias needs a gradient or in bf16 (3-4x in our bench), so the plain
-    formula runs there. test_all.py checks that both give the same output."""
+def attention(q, k, v, bd, mask, dropatt=0.0):
+    """softmax(q·kᵀ/sqrt(D) + bd, masked)·v; q (B, H, S, D), k and v (B, H, K, D), positional term
+    bd (B, H, S, K) already scaled, mask (S, K) True = may attend. SDPA where it is the faster
+    kernel (CUDA; CPU fp32 inference). On the CPU, SDPA falls back to a slower path when its bias
+    needs a gradient or in bf16 (3-4x in our bench), so the plain formula runs there; it also
+    masks in place and never builds the bias. test_all.py checks that both paths agree."""
     B, H, S, D = q.shape
     if q.is_cuda or (q.dtype == torch.float32 and not torch.is_grad_enabled()):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropatt)
-    a = torch.baddbmm(bias.flatten(0, 1), q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2),
-                      alpha=1 / math.sqrt(D)).softmax(-1)                        # (B*H, S, K)
+        return F.scaled_dot_product_attention(q, k, v, bd.masked_fill(~mask, float('-inf')),
+                                              dropout_p=dropatt)
+    a = torch.baddbmm(bd.flatten(0, 1), q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2),
+                      alpha=1 / math.sqrt(D)).view(B, H, S, -1)                  # (B, H, S, K)
+    a = a.masked_fill_(~mask, float('-inf')).softmax(-1)
     a = F.dropout(a, dropatt) if dropatt else a
-    return (a @ v.flatten(0, 1)).view(B, H, S, D)                                # (B, H, S, D)
+    return a @ v                                                                 # (B, H, S, D)
 
 
 class RelAttention(nn.Module):
@@ -135,9 +138,9 @@ class RelAttention(nn.Module):
         K = hk.size(1)
         k, val = self.kv(hk).view(B, K, 2, self.H, self.D).permute(2, 0, 3, 1, 4)  # (B, H, K, D)
         r = self.r(pos).view(-1, self.H, self.D).transpose(0, 1)                 # (H, R, D)
-        bd = rel_shift((q + v[:, None]) @ r.transpose(1, 2), K)                  # (B, H, S, K)
-        bias = (bd / math.sqrt(self.D)).masked_fill(~mask, float('-inf'))
-        y = attention(q + u[:, None], k, val, bias, self.dropatt if self.training else 0.0)
+        qv = (q + v[:, None]) / math.sqrt(self.D)             # scaled here: S rows, not S x K
+        bd = rel_shift(qv @ r.transpose(1, 2), K)                                # (B, H, S, K)
+        y = attention(q + u[:, None], k, val, bd, mask, self.dropatt if self.training else 0.0)
         return self.drop(self.o(y.transpose(1, 2).reshape(B, S, -1)))            # (B, S, C)
 
 
@@ -231,15 +234,14 @@ class MemTransformer(nn.Module):
         return nll, new_state
 
     def flops_per_token(self, train=True):
-        """Model FLOPs per segment token (2 per multiply-add; backward = 2x forward), counting the
-        matmuls: projections over S rows (K for keys/values, R for W_R), attention scores,
-        values and positional term, FFN, output layer (full softmax). Used for MFU."""
+        """Model FLOPs per segment token (2 per multiply-add; backward = 2x forward): projections
+        (keys and values over the K = P+S keys), attention scores, values and positional term,
+        FFN, output layer. W_R runs once per segment for the whole batch: left out. For MFU."""
         cfg = self.cfg
         T, HD, M = cfg.seg_len, cfg.n_head * cfg.d_head, cfg.n_mem_tokens
         S = T + (2 * M if cfg.arch in ('rmt', 'xl_rmt') else M)
         K, C = cfg.mem_len + S, cfg.d_model
-        layer = C * HD * (2 * S + 2 * K) + C * HD * (K + S) + HD * S * (3 * K + S) \
-            + 2 * S * C * cfg.d_inner                                   # q o, kv, W_R, attn, FFN
+        layer = C * HD * (2 * S + 2 * K) + HD * S * (3 * K + S) + 2 * S * C * cfg.d_inner
         return 2 * (3 if train else 1) * (cfg.n_layer * layer / T + C * cfg.vocab_size)
 
     def log_probs(self, h):
