@@ -1,7 +1,5 @@
-"""
-The single-command CPU test run: `python test_all.py` (or `python -m pytest test_all.py`).
-Each test checks a property that a real bug would break; fixed seeds, tiny configs, no network.
-"""
+"""The single-command CPU test run: `python test_all.py` (or `python -m pytest test_all.py`). Each
+test checks a property that a real bug would break; fixed seeds, tiny configs, no network."""
 import contextlib
 import http.client
 import io
@@ -13,6 +11,7 @@ import tempfile
 import time
 import traceback
 import zipfile
+from unittest import mock
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from model import ARCHS, MemTransformer, ModelConfig, build_mask, rel_shift
 import trams
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+_patch = mock.patch.multiple     # _patch(module, name=value): set attributes, restore them after
 
 
 def tiny(arch, **kw):
@@ -34,8 +34,7 @@ def tiny(arch, **kw):
     return MemTransformer(ModelConfig(**{**cfg, **kw}))
 
 
-def emb_grads(model, idx, loss_fn):
-    """Gradient of loss_fn(output) w.r.t. every segment's token embeddings -> (T_all,) norms."""
+def emb_grads(model, idx, loss_fn):  # d loss_fn(output) / d token embeddings -> (T_all,) norms
     embs = []
     hook = model.tok_emb.register_forward_hook(lambda mod, inputs, out: embs.append(out))
     out, _ = model(idx)
@@ -49,18 +48,7 @@ def run(*args, timeout=120):
                           timeout=timeout)
 
 
-@contextlib.contextmanager
-def _patch(module, **attrs):
-    old = {k: getattr(module, k) for k in attrs}
-    vars(module).update(attrs)
-    try:
-        yield
-    finally:
-        vars(module).update(old)
-
-
 # ----------------------------------------------------------------------------- model
-
 def test_shapes_and_no_future_leakage_every_arch():
     idx = torch.randint(0, 12, (2, 13))
     for arch in ARCHS:
@@ -123,8 +111,7 @@ def test_bptt_depth_reaches_exactly_k_segments():
 
 
 def test_fast_attention_path_equals_plain_path():
-    """SDPA (CUDA; CPU fp32 inference) and the plain formula (CPU training, bf16) agree for
-    every arch, memory masks included, and under TRAMS selection."""
+    """SDPA and the plain formula (CPU training, bf16) agree: every arch, masks, TRAMS selection."""
     x = torch.randint(0, 12, (2, 23))
     for arch in ARCHS:
         m = tiny(arch, dropout=0.1).eval()
@@ -140,8 +127,7 @@ def test_fast_attention_path_equals_plain_path():
 
 
 def test_xl_cache_is_fifo_detached_and_mem_len_long():
-    m = tiny('xl', mem_len=7)
-    inputs = []
+    m, inputs = tiny('xl', mem_len=7), []
     hook = m.blocks[1].register_forward_pre_hook(lambda mod, a: inputs.append(a[0]))
     out, state = m(torch.randint(0, 12, (2, 15)))   # 3 segments of 5
     hook.remove()
@@ -149,10 +135,9 @@ def test_xl_cache_is_fifo_detached_and_mem_len_long():
     assert torch.equal(state.cache[1], seen[:, -7:])  # the newest 7, old first: (2, 7, 32)
     assert not any(c.requires_grad for c in state.cache)
 
-# ----------------------------------------------------------------------------- data: algorithmic
 
-def _raises(fn, *args):
-    """The one-line DataError message of fn(*args), which must raise one."""
+# ----------------------------------------------------------------------------- data: algorithmic
+def _raises(fn, *args):  # the one-line DataError message of fn(*args), which must raise one
     try:
         fn(*args)
     except DataError as e:
@@ -186,6 +171,8 @@ def test_task_spec_and_copy_reverse_retrieval_formats():
 
 
 def test_sqeq_text_and_generated_solutions():
+    def f(expr, x):  # value of the left-hand side at x
+        return eval(expr.split('=')[0].replace('^', '**').replace('x', f'({x})'))
     t = data._sqeq_text
     assert t(-4, -98, 552) == ['-4*x^2+392*x-2208=0', 'x^2-98*x+552=0', 'D=98^2-4*1*552=7396=86^2',
                                'x=(98-86)/2=6', 'x=(98+86)/2=92', '6,92']  # SPEC §5
@@ -197,9 +184,6 @@ def test_sqeq_text_and_generated_solutions():
     s = generate('sqeq', 2000, 0, np.random.default_rng(0))
     assert s.shape == (2000, 180) and s.dtype == np.int64
     assert set(np.unique(s).tolist()) <= {0, *range(2, 24)}  # padding or a character
-
-    def f(expr, x):  # value of the left-hand side at x
-        return eval(expr.split('=')[0].replace('^', '**').replace('x', f'({x})'))
     for row in s.tolist():
         text = ''.join('_' if i == 0 else SQEQ_CHARS[i - 2] for i in row)
         blocks = [text[i:i + 30].rstrip('_') for i in range(0, 180, 30)]
@@ -251,7 +235,6 @@ def test_examples_rank_split_equals_one_process():
 
 
 # ----------------------------------------------------------------------------- data: LM
-
 def test_stream_contiguous_rank_disjoint_and_resumable():
     tokens = np.arange(1000, dtype=np.int32)  # token = position, so continuity is visible
     B, W, n, seen = 3, 7, 1000 // 6, []
@@ -274,8 +257,7 @@ def test_stream_contiguous_rank_disjoint_and_resumable():
     assert not seen[0] & seen[1]  # ranks own disjoint streams
 
 
-def _put(path, content):
-    """Write bytes to path, or a zip of {member: text} if content is a dict."""
+def _put(path, content):  # write bytes to path, or a zip of {member: text} if content is a dict
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, 'wb') as f:
         if not isinstance(content, dict):
@@ -297,8 +279,7 @@ def test_enwik8_fake_zip_and_bad_zips():
         assert bytes(c.train) + bytes(c.val) + bytes(c.test) == raw  # every byte, in order
         os.remove(f'{d}/enwik8/enwik8.zip')  # once prepared, the zip is not needed
         assert bytes(load_corpus('enwik8', d).test) == raw[-100:]
-        with open(f'{d}/enwik8/val.bin', 'ab') as f:  # a damaged split means "not prepared"
-            f.write(b'x')
+        open(f'{d}/enwik8/val.bin', 'ab').write(b'x')  # a damaged split means "not prepared"
         assert 'could not download' in _raises(load_corpus, 'enwik8', d)
         # truncated, corrupt, too short, wrong member, missing: a message naming path and url
         for i, bad in enumerate((good[:1000], good[:500] + bytes([good[500] ^ 255]) + good[501:],
@@ -344,16 +325,14 @@ def test_wt103_text_corpora_and_data_cli():
     assert bad.returncode == 2 and bad.stderr.count('\n') == 1 and 'data_path' in bad.stderr
 
 
-def _urlopen(body, error=None):
-    """A urlopen stand-in: its response announces 100 bytes, sends body, then raises error."""
+def _urlopen(body, error=None):  # a response that announces 100 bytes, sends body, raises error
     class Response(io.BytesIO):
-        headers = {'Content-Length': '100'}
-
         def read(self, n):
             chunk = super().read(n)
             if not chunk and error:
                 raise error
             return chunk
+        headers = {'Content-Length': '100'}
     return lambda *args, **kwargs: Response(body)
 
 
@@ -371,11 +350,9 @@ def test_download_is_all_or_nothing():
 
 
 # ----------------------------------------------------------------------------- metrics, learning
-
 def train_tiny(arch, steps=500):
     m = tiny(arch, seg_len=4, n_mem_tokens=2, d_model=64, d_head=32, d_inner=128)
-    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-    rng = np.random.default_rng(0)
+    opt, rng = torch.optim.Adam(m.parameters(), lr=1e-3), np.random.default_rng(0)
     for _ in range(steps):        # copy S=4 in 3 segments of 4: the answer needs memory
         x, y, w = Examples(generate('copy', 64, 4, rng), 8, 64).batch(0)
         nll, _ = m(x, None, y)
@@ -388,21 +365,18 @@ def train_tiny(arch, steps=500):
 
 
 def test_free_running_exact_and_tiny_rmt_learns_copy_baseline_cannot():
-    S, oracle = 7, tiny('rmt', seg_len=5)
-
-    def copy_segment(idx, state=None, targets=None):
-        """Always right on copy's answer: its 'memory' is every token seen so far, so free-running
-        generation must carry it across segments exactly as teacher forcing does."""
+    def copy_segment(idx, state=None, targets=None):  # always right: memory = all tokens so far
         hist = idx if state is None else torch.cat([state.mem, idx], 1)
         p = torch.arange(hist.size(1) - idx.size(1), hist.size(1))    # positions of idx
         nxt = hist[:, (p - S).clamp(min=0) % S]                         # copy from the source
         nxt[:, p + 1 == S] = 1
         logits = torch.nn.functional.one_hot(nxt, oracle.cfg.vocab_size).float()
         return logits, memory.State(None, hist)
+    S, oracle = 7, tiny('rmt', seg_len=5)
     oracle.segment = copy_segment                 # the model's segment loop, the oracle's segment
     x, y, w = Examples(generate('copy', 16, S, np.random.default_rng(0)), 2 * S, 16).batch(0)
     nll, n, n_ans, tf, fr, em = data.answer_metrics(oracle, x, y, w, 2 * S, 2 * S)
-    assert n_ans == 16 * 2 * S and tf == fr == n_ans and em == 16
+    assert n_ans == 16 * 2 * S and tf == fr == n_ans and em == 16  # generation carries memory
     rmt, base = train_tiny('rmt'), train_tiny('baseline', steps=100)
     assert rmt > 0.9 and base < 0.3, (rmt, base)
 
@@ -429,7 +403,6 @@ def test_ddp_two_processes_equal_one_process():
 
 
 # ----------------------------------------------------------------------------- language modelling
-
 def test_adaptive_softmax_normalised_loss_matches_and_sampling_deterministic():
     m = tiny('xl', vocab_size=50, cutoffs=(10, 30))
     x, y = torch.randint(0, 50, (2, 10)), torch.randint(0, 50, (2, 10))
@@ -453,23 +426,21 @@ def test_uniform_model_has_8_bpc_and_eval_reports_protocol():
         m = MemTransformer(cfg)
         torch.nn.init.zeros_(m.tok_emb.weight)         # every logit 0: uniform over 256 bytes
         tc = TrainConfig(task='text', data_path=f'{d}/corpus.txt', batch_size=4)
-        torch.save(dict(model=m.state_dict(), model_cfg=vars(cfg), train_cfg=vars(tc)),
-                   f'{d}/u.pt')
+        torch.save(dict(model=m.state_dict(), model_cfg=vars(cfg), train_cfg=vars(tc)), f'{d}/u.pt')
         r = run('train.py', '--mode', 'eval', '--init_from', f'{d}/u.pt', '--mem_len', '48',
                 '--eval_tokens', '640')
         assert r.returncode == 0, r.stderr
         assert 'mem_len 48' in r.stdout and 'seg_len 16' in r.stdout, r.stdout
         for line in r.stdout.splitlines()[1:]:
             assert 'bpc 8.0000' in line and 'n 640' in line, r.stdout
+        bench = r'bench: train \d+ tok/s, eval \d+ tok/s, peak -?\d+ MB, step \d+ ms'
         for task in ('copy', 'text'):           # --mode bench: one line that scripts parse
             r = run('train.py', '--mode', 'bench', '--task', task, '--data_path', f'{d}/corpus.txt',
                     '--bench_iters', '2', '--n_layer', '1', '--batch_size', '4', '--data_dir', d)
-            assert re.fullmatch(r'bench: train \d+ tok/s, eval \d+ tok/s, peak -?\d+ MB, step \d+ ms',
-                                (r.stdout.splitlines() or [""])[-1]), r.stdout + r.stderr
+            assert re.fullmatch(bench, (r.stdout.splitlines() or [''])[-1]), r.stdout + r.stderr
 
 
 # ----------------------------------------------------------------------------- TRAMS
-
 def _run_trams(m, x, sel):      # sel None: plain XL
     trams.attach(m, sel)
     with torch.no_grad():
@@ -552,18 +523,15 @@ def test_trams_command_table_and_bad_input():
 
 
 # ----------------------------------------------------------------------------- command line
-
 def test_bad_input_exits_2_with_one_line():
     with tempfile.TemporaryDirectory() as d:
-        torch.save(dict(model={}, model_cfg=vars(ModelConfig(arch='xl')), train_cfg={}),
-                   f'{d}/xl.pt')
+        torch.save(dict(model={}, model_cfg=vars(ModelConfig('xl')), train_cfg={}), f'{d}/xl.pt')
         _put(f'{d}/cut.pt', open(f'{d}/xl.pt', 'rb').read()[:300])     # truncated
         _put(f'{d}/empty.txt', b'')
         for args in ('--nope 1', '--arch gpt', '--task nope', '--lr fast', '--seg_len 0',
                      '--arch rmt --n_mem_tokens 0', '--arch mt --n_mem_tokens=0', '--seq_len 0',
-                     '--arch xl --mem_len 0', '--init_from /nonexistent.pt',
-                     f'--resume --out_dir {d}', f'--init_from {d}/cut.pt',
-                     f'--init_from {d}/empty.txt',
+                     '--arch xl --mem_len 0', f'--resume --out_dir {d}', f'--init_from {d}/cut.pt',
+                     '--init_from /nonexistent.pt', f'--init_from {d}/empty.txt',
                      f'--init_from {d}/xl.pt --arch rmt', '--task text --data_path /nonexistent',
                      f'--task text --data_path {d}/empty.txt'):
             r = run('train.py', *args.split())
@@ -572,7 +540,6 @@ def test_bad_input_exits_2_with_one_line():
 
 
 # ----------------------------------------------------------------------------- reliability
-
 def test_sigkill_sigterm_resume_exactly_and_nonfinite_stop():
     def train(*args, wait=True):
         cmd = [sys.executable, 'train.py', '--task', 'text', '--data_path', f'{d}/t.txt',
@@ -602,8 +569,7 @@ def test_sigkill_sigterm_resume_exactly_and_nonfinite_stop():
         assert r.returncode == 1 and 'non-finite' in r.stderr and 'Traceback' not in r.stderr
         ckpt = torch.load(f'{d}/b/ckpt.pt', weights_only=True)  # the last good one survived
         assert ckpt['step'] == 12 and all(v.isfinite().all() for v in ckpt['model'].values())
-        p = train('--max_iters', '100000', '--eval_interval', '100000', '--out_dir', f'{d}/c',
-                  wait=False)
+        p = train(*f'--max_iters 100000 --eval_interval 100000 --out_dir {d}/c'.split(), wait=False)
         while 'step ' not in (line := p.stdout.readline()):
             assert line, 'the run ended early'
         p.terminate()                                  # SIGTERM: checkpoint, then exit
@@ -613,7 +579,6 @@ def test_sigkill_sigterm_resume_exactly_and_nonfinite_stop():
 
 
 # ----------------------------------------------------------------------------- runner
-
 if __name__ == '__main__':
     torch.set_num_threads(min(2, torch.get_num_threads()))
     passed = failed = 0

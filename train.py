@@ -1,12 +1,6 @@
-"""
-The one entry point: train, evaluate or sample every architecture on every task, on a CPU, one GPU,
-or many GPUs with torchrun.
-  python train.py                                      # RMT learns to copy on a laptop CPU
-  python train.py --task copy --arch xl --mem_len 12   # flags override the task's preset
+"""The one entry point: train, evaluate, sample or time (--mode) every architecture on every task,
+on a CPU, one GPU or many GPUs; flags override the task's preset. No flags: RMT learns to copy.
   torchrun --standalone --nproc_per_node=8 train.py --task enwik8
-  python train.py --resume                             # continue the run in out_dir exactly
-  python train.py --mode eval --init_from out/ckpt.pt --mem_len 400
-  python train.py --mode sample --init_from out/ckpt.pt --prompt "The "
   python train.py --mode bench --task enwik8 --preset enwik8 --batch_size 8   # speed, one line
 """
 import ctypes
@@ -20,14 +14,14 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
 import data
 import memory
 from model import MemTransformer, ModelConfig
 
+
 # ----------------------------------------------------------------------------- config
-
-
 @dataclass
 class TrainConfig:
     task: str = 'copy'         # copy | reverse | retrieval | sqeq | enwik8 | wt103 | text
@@ -63,107 +57,88 @@ class TrainConfig:
     prompt: str = '\n'         # sample: text to continue
 
 
+# the papers' settings (SPEC §6, GPU-days), small ones that learn on 2 CPU cores in minutes ('_cpu')
 PAPER = dict(n_layer=4, d_model=128, n_head=4, d_head=64, d_inner=256, dropout=0.1, lr=1e-4,
              batch_size=32, max_iters=250_000, eval_interval=5000, eval_examples=0)
-PRESETS = {
-    # the papers' settings (SPEC §6): GPU-days
-    'copy': dict(PAPER, task='copy', seq_len=24, seg_len=12, n_mem_tokens=6, mem_len=6),
-    'reverse': dict(PAPER, task='reverse', seq_len=24, seg_len=12, n_mem_tokens=6, mem_len=6),
-    'retrieval': dict(PAPER, task='retrieval', n_layer=6, d_model=64, d_head=32, d_inner=128,
-                      seg_len=5, n_mem_tokens=5, mem_len=5),
-    'sqeq': dict(PAPER, task='sqeq', n_layer=6, n_head=6, max_iters=600_000, seg_len=30,
-                 n_mem_tokens=30, mem_len=30),
-    # small versions that learn on two CPU cores in minutes (the defaults are copy_cpu)
-    'copy_cpu': dict(),
-    'reverse_cpu': dict(task='reverse', seg_len=12, n_mem_tokens=6, mem_len=6),
-    'retrieval_cpu': dict(task='retrieval', seg_len=5, n_mem_tokens=5, mem_len=5, n_layer=3,
-                          d_model=64, d_head=32, d_inner=128),
-    'sqeq_cpu': dict(task='sqeq', seg_len=30, n_mem_tokens=30, mem_len=30, batch_size=32,
-                     eval_examples=500),
+NARROW = dict(d_model=64, d_head=32, d_inner=128)                     # retrieval
+LM = dict(dropout=0.1, schedule='cosine', bptt_depth=1, eval_tokens=0, lr=2.5e-4,
+          eval_interval=4000, log_interval=200)    # language modelling: the RMT paper's models
+ENWIK8 = dict(LM, n_layer=12, d_model=512, n_head=8, d_head=64, d_inner=2048, batch_size=22,
+              max_iters=400_000, seg_len=128, mem_len=128, n_mem_tokens=10)
+LM_CPU = dict(LM, n_layer=4, d_model=128, n_head=4, d_head=32, d_inner=512, lr=1e-3,
+              warmup_iters=100, batch_size=16, max_iters=1000, eval_interval=250,
+              eval_tokens=20_000, seg_len=64, mem_len=64, n_mem_tokens=8, log_interval=100)
+PRESETS = {                              # a preset's task is its name without '_cpu'
+    'copy': dict(PAPER, seq_len=24, seg_len=12, n_mem_tokens=6, mem_len=6),
+    'reverse': dict(PAPER, seq_len=24, seg_len=12, n_mem_tokens=6, mem_len=6),
+    'retrieval': dict(PAPER, **NARROW, n_layer=6, seg_len=5, n_mem_tokens=5, mem_len=5),
+    'sqeq': dict(PAPER, n_layer=6, n_head=6, max_iters=600_000, seg_len=30, n_mem_tokens=30,
+                 mem_len=30),
+    'copy_cpu': dict(),                  # the defaults
+    'reverse_cpu': dict(seg_len=12, n_mem_tokens=6, mem_len=6),
+    'retrieval_cpu': dict(NARROW, n_layer=3, seg_len=5, n_mem_tokens=5, mem_len=5),
+    'sqeq_cpu': dict(seg_len=30, n_mem_tokens=30, mem_len=30, batch_size=32, eval_examples=500),
+    'enwik8': ENWIK8, 'text': ENWIK8,
+    'wt103': dict(LM, n_layer=16, d_model=410, n_head=10, d_head=41, d_inner=2100, batch_size=60,
+                  max_iters=200_000, seg_len=150, mem_len=150, n_mem_tokens=25, bptt_depth=2),
+    'enwik8_cpu': LM_CPU, 'text_cpu': LM_CPU,
+    'wt103_cpu': dict(LM_CPU, seg_len=32, mem_len=32),
 }
-# language modelling: the RMT paper's enwik8 / WikiText-103 base models (SPEC §6) ...
-LM = dict(dropout=0.1, schedule='cosine', bptt_depth=1, eval_tokens=0, log_interval=200)
-PRESETS['enwik8'] = dict(LM, task='enwik8', n_layer=12, d_model=512, n_head=8, d_head=64,
-                         d_inner=2048, lr=2.5e-4, batch_size=22, max_iters=400_000,
-                         eval_interval=4000, seg_len=128, mem_len=128, n_mem_tokens=10)
-PRESETS['text'] = dict(PRESETS['enwik8'], task='text')
-PRESETS['wt103'] = dict(LM, task='wt103', n_layer=16, d_model=410, n_head=10, d_head=41,
-                        d_inner=2100, lr=2.5e-4, batch_size=60, max_iters=200_000,
-                        eval_interval=4000, seg_len=150, mem_len=150, n_mem_tokens=25,
-                        bptt_depth=2)
-# ... and small ones that show learning on two CPU cores in minutes
-PRESETS['enwik8_cpu'] = dict(LM, task='enwik8', n_layer=4, d_model=128, n_head=4, d_head=32,
-                             d_inner=512, lr=1e-3, warmup_iters=100, batch_size=16,
-                             max_iters=1000, eval_interval=250, eval_tokens=20_000,
-                             seg_len=64, mem_len=64, n_mem_tokens=8, log_interval=100)
-PRESETS['text_cpu'] = dict(PRESETS['enwik8_cpu'], task='text')
-PRESETS['wt103_cpu'] = dict(PRESETS['enwik8_cpu'], task='wt103', seg_len=32, mem_len=32)
-PEAK_TFLOPS = {'H100': 989, 'H200': 989, 'A100': 312}   # dense bf16 per GPU; TF32 is half (MFU)
 
 
-def die(msg):
-    """Bad input ends in one line that names the fix, exit code 2, no traceback."""
+def die(msg, code=2):  # bad input ends in one line that names the fix, exit 2, no traceback
     print(f'error: {msg}', file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
-def parse_flags(argv):
-    """Every dataclass field is a flag: --name value or --name=value; a bare boolean means true."""
+def parse_flags(argv):  # every dataclass field is a flag: --name value or --name=value
     types = {f.name: f.type for c in (ModelConfig, TrainConfig) for f in fields(c)}
-    given, i = {}, 0
-    while i < len(argv):
-        key, eq, val = argv[i].partition('=')
-        name = key[2:]
-        if not key.startswith('--') or name not in types:
-            die(f"unknown flag '{argv[i]}': flags are --name value with a name from "
+    args, given = list(argv), {}
+    while args:
+        arg = args.pop(0)
+        name, eq, val = arg.removeprefix('--').partition('=')
+        typ = types.get(name) if arg.startswith('--') else None
+        if typ is None:
+            die(f"unknown flag '{arg}': flags are --name value with a name from "
                 "ModelConfig or TrainConfig (python train.py --help lists them)")
-        if not eq and types[name] is bool and (i + 1 == len(argv) or argv[i + 1][:2] == '--'):
-            val = 'true'
+        if not eq and typ is bool and (not args or args[0][:2] == '--'):
+            val = 'true'                         # a bare boolean means true
         elif not eq:
-            if i + 1 == len(argv):
-                die(f'flag --{name} needs a value')
-            i, val = i + 1, argv[i + 1]
+            val = args.pop(0) if args else die(f'flag --{name} needs a value')
         try:
-            if types[name] is bool:
+            if typ is bool:
                 val = {'true': True, '1': True, 'false': False, '0': False}[val.lower()]
-            given[name] = tuple(int(v) for v in val.split(',') if v) if types[name] is tuple \
-                else types[name](val)
+            given[name] = tuple(int(v) for v in val.split(',') if v) if typ is tuple else typ(val)
         except (KeyError, ValueError):
-            die(f"--{name} expects a {types[name].__name__}, got '{val}'")
-        i += 1
+            die(f"--{name} expects a {typ.__name__}, got '{val}'")
     return given
 
 
-def make_configs(given, ckpt=None):
-    """Defaults <- preset <- flags for a new run; checkpoint configs <- flags for eval/sample."""
+def make_configs(given, ckpt=None):  # defaults <- preset <- flags, or checkpoint's configs <- flags
     if ckpt is not None:
-        mc, tc = dict(ckpt['model_cfg']), dict(ckpt['train_cfg'])
+        mc, tc, preset = dict(ckpt['model_cfg']), dict(ckpt['train_cfg']), {}
         if given.get('arch', mc['arch']) != mc['arch']:
             die(f"the checkpoint holds an '{mc['arch']}' model, not '{given['arch']}': "
                 'drop --arch or use another checkpoint')
     else:
         task = given.get('task', TrainConfig.task)
         cuda = torch.cuda.is_available() and given.get('device', 'auto') != 'cpu'
-        preset = given.get('preset') or (task if cuda and task in PRESETS else f'{task}_cpu')
-        if preset not in PRESETS:
-            die(f"unknown preset '{preset}': use one of {', '.join(PRESETS)}")
-        mc, tc = {}, dict(preset=preset, task=task)
-        for k, v in PRESETS[preset].items():
-            (tc if k in TrainConfig.__dataclass_fields__ else mc)[k] = v
-    for k, v in given.items():
+        name = given.get('preset') or (task if cuda and task in PRESETS else f'{task}_cpu')
+        if name not in PRESETS:
+            die(f"unknown preset '{name}': use one of {', '.join(PRESETS)}")
+        mc, tc, preset = {}, dict(preset=name, task=name.removesuffix('_cpu')), PRESETS[name]
+    for k, v in {**preset, **given}.items():
         (tc if k in TrainConfig.__dataclass_fields__ else mc)[k] = v
     try:
         tcfg = TrainConfig(**tc)
-        if tcfg.task not in data.ALGO_TASKS + data.LM_TASKS:
-            raise ValueError(f"unknown task '{tcfg.task}': use one of "
-                             + ', '.join(data.ALGO_TASKS + data.LM_TASKS))
-        if tcfg.mode == 'sample' and tcfg.task not in data.LM_TASKS:
-            raise ValueError('--mode sample needs a language-modelling task (enwik8, wt103, text)')
-        for k, ok in (('mode', ('train', 'eval', 'sample', 'bench')),
+        for k, ok in (('task', data.ALGO_TASKS + data.LM_TASKS),
+                      ('mode', ('train', 'eval', 'sample', 'bench')),
                       ('schedule', ('plateau', 'cosine')),
                       ('dtype', ('auto', 'float32', 'bfloat16', 'float16'))):
             if getattr(tcfg, k) not in ok:
                 raise ValueError(f"unknown {k} '{getattr(tcfg, k)}': use one of {', '.join(ok)}")
+        if tcfg.mode == 'sample' and tcfg.task not in data.LM_TASKS:
+            raise ValueError('--mode sample needs a language-modelling task (enwik8, wt103, text)')
         for k in ('seq_len', 'batch_size', 'grad_accum', 'max_iters', 'eval_interval',
                   'log_interval', 'bench_iters'):
             if getattr(tcfg, k) < 1:
@@ -174,23 +149,6 @@ def make_configs(given, ckpt=None):
     except (TypeError, ValueError) as e:
         die(str(e))
     return mcfg, tcfg
-
-
-def save_atomic(obj, path):
-    """Write to a temporary file in the same folder, flush to disk, then rename over the old one:
-    a crash at any moment leaves either the old checkpoint or the new one, never a torn file."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:     # torch.save reports a full disk as RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        die(f'could not write {path} ({type(e).__name__}: {str(e).splitlines()[0][:80]}): free '
-            'disk space or change --out_dir; the previous checkpoint is intact')
 
 
 def load_checkpoint(path, resume=False):
@@ -206,39 +164,6 @@ def load_checkpoint(path, resume=False):
     return ckpt
 
 
-def autocast_dtype(name, device):
-    """--dtype auto: bf16 where the hardware runs it fast (CUDA with bf16; a CPU with AMX or
-    AVX512-BF16), else fp32. Weights and optimizer stay fp32 either way (autocast)."""
-    if name != 'auto':
-        return getattr(torch, name)
-    if device.startswith('cuda'):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        flags = open('/proc/cpuinfo').read()
-    except OSError:
-        return torch.float32
-    return torch.bfloat16 if 'amx_bf16' in flags or 'avx512_bf16' in flags else torch.float32
-
-
-def memory_bytes(device, peak=False):
-    """Bytes in use now (and start tracking the peak), or the peak since then (peak=True). CUDA:
-    the allocator's counters. CPU (Linux): the resident set, after handing freed heap memory back
-    to the OS and resetting the high-water mark; elsewhere 0."""
-    if device.startswith('cuda'):
-        if not peak:
-            torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
-    try:
-        if not peak:
-            ctypes.CDLL('libc.so.6').malloc_trim(0)
-            with open('/proc/self/clear_refs', 'w') as f:
-                f.write('5')
-        status = open('/proc/self/status').read()
-        return int(status.split('VmHWM:' if peak else 'VmRSS:')[1].split()[0]) * 1024
-    except (OSError, IndexError):
-        return 0
-
-
 def main(argv):
     if '--help' in argv or '-h' in argv:
         for c in (ModelConfig, TrainConfig):
@@ -250,25 +175,25 @@ def main(argv):
         else given.get('init_from', '')
     ckpt = load_checkpoint(path, resume) if path else None
     mcfg, tcfg = make_configs(given, ckpt)
-
     # ------------------------------------------------------------------------- DDP / device
     ddp, use_cuda = 'RANK' in os.environ, torch.cuda.is_available() and tcfg.device != 'cpu'
-    if ddp:
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    device = tcfg.device if tcfg.device != 'auto' else 'cuda' if use_cuda else 'cpu'
+    if ddp:                                      # torchrun: one process per GPU (or CPU share)
         dist.init_process_group('nccl' if use_cuda else 'gloo')
-        rank, world = dist.get_rank(), dist.get_world_size()
         device = f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else 'cpu'
-        if use_cuda:
-            torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
-        device = tcfg.device if tcfg.device != 'auto' else ('cuda' if use_cuda else 'cpu')
     master, cuda = rank == 0, device.startswith('cuda')
+    if ddp and cuda:
+        torch.cuda.set_device(device)
+    print0 = print if master else (lambda *args, **kwargs: None)   # rank 0 speaks for all
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # fp32 on GPU
-    dtype = autocast_dtype(tcfg.dtype, device)
+    flags = '' if cuda or not os.path.exists('/proc/cpuinfo') else open('/proc/cpuinfo').read()
+    fast = torch.cuda.is_bf16_supported() if cuda else 'amx_bf16' in flags or 'avx512_bf16' in flags
+    auto = 'bfloat16' if fast else 'float32'     # bf16 on CUDA, or on a CPU with AMX or AVX512-BF16
+    dtype = getattr(torch, auto if tcfg.dtype == 'auto' else tcfg.dtype)   # autocast; weights fp32
     ctx = torch.autocast(device.split(':')[0], dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.split(':')[0], enabled=dtype == torch.float16)
     torch.manual_seed(tcfg.seed + rank)          # dropout differs per rank; init is broadcast
-
     # ------------------------------------------------------------------------- data
     algo = tcfg.task in data.ALGO_TASKS
     try:
@@ -276,12 +201,10 @@ def main(argv):
             spec = data.task_spec(tcfg.task, tcfg.seq_len)
             splits = data.make_splits(tcfg.task, tcfg.seq_len, tcfg.seed)
             mcfg.vocab_size = spec['vocab_size']
-            loaders = {s: data.Examples(splits[s], spec['ans_len'], tcfg.batch_size, rank, world,
-                                        tcfg.seed) for s in ('train', 'val', 'test')}
+            loaders = {s: data.Examples(a, spec['ans_len'], tcfg.batch_size, rank, world, tcfg.seed)
+                       for s, a in splits.items()}
             checksums = {s: data.split_checksum(a) for s, a in splits.items()}
-            if master:
-                print('data: ' + ', '.join(f'{s} {len(splits[s])} ({c})'
-                                           for s, c in checksums.items()))
+            print0('data:', ', '.join(f'{s} {len(splits[s])} ({c})' for s, c in checksums.items()))
         else:
             if ddp and not master:
                 dist.barrier()                   # rank 0 prepares the files, the others wait
@@ -289,76 +212,59 @@ def main(argv):
             if ddp and master:
                 dist.barrier()
             mcfg.vocab_size, mcfg.cutoffs = corpus.vocab_size, tuple(corpus.cutoffs or ())
-            checksums = {s: len(getattr(corpus, s)) for s in ('train', 'val', 'test')}
+            checksums = {s: len(getattr(corpus, s)) for s in data.SPLITS}
             window = mcfg.seg_len * (mcfg.bptt_depth + 1)   # BPTT-k: k+1 segments per step
             loaders = {s: data.Stream(getattr(corpus, s), tcfg.batch_size, window, rank, world)
-                       for s in ('train', 'val', 'test')}
+                       for s in data.SPLITS}
     except data.DataError as e:
         die(str(e))
-
     # ------------------------------------------------------------------------- model / optimizer
-    model = MemTransformer(mcfg).to(device)
+    model = raw = MemTransformer(mcfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr, fused=cuda)
-    if tcfg.schedule == 'cosine':
-        def lr_lambda(it):
-            if it < tcfg.warmup_iters:
-                return (it + 1) / tcfg.warmup_iters
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, it / tcfg.max_iters)))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    else:
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5,
-                                                               patience=tcfg.patience)
-    start, best_val = 0, float('inf')
-    states = [None] * tcfg.grad_accum            # LM: memory carried by each micro-step's streams
+    scheduler = ReduceLROnPlateau(optimizer, factor=0.5, patience=tcfg.patience) \
+        if tcfg.schedule == 'plateau' else LambdaLR(optimizer, lambda i: (  # cosine: warm-up,
+            (i + 1) / tcfg.warmup_iters if i < tcfg.warmup_iters   # then decay to 0 at max_iters
+            else 0.5 * (1 + math.cos(math.pi * min(1.0, i / tcfg.max_iters)))))
+    start, best_val, states = 0, float('inf'), [None] * tcfg.grad_accum   # states: LM memory
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt['model'])
         except RuntimeError:
             die(f'{path} does not fit this model (other size or vocabulary): '
                 'give the matching flags or another checkpoint')
-        if resume:
-            if len(ckpt['ranks']) != world:
-                die(f"{path} was written by {len(ckpt['ranks'])} processes: resume with as many")
-            if ckpt['data'] != checksums:
-                die(f'the data differ from those {path} was trained on: restore them')
-            optimizer.load_state_dict(ckpt['optimizer'])
-            scheduler.load_state_dict(ckpt['scheduler'])
-            if 'lr' in given:                    # a new --lr wins over the checkpoint's
-                optimizer.param_groups[0]['lr'], scheduler.base_lrs = tcfg.lr, [tcfg.lr]
-            start, best_val = ckpt['step'], ckpt['best_val']
-            mine = ckpt['ranks'][rank]
-            torch.set_rng_state(mine['rng'])
-            if mine['cuda_rng'] is not None and cuda:
-                torch.cuda.set_rng_state(mine['cuda_rng'])
-            states = [memory.to_device(s, device) for s in mine['memory']]
-            if not algo:
-                loaders['train'].load_state_dict(ckpt['loader'])
-    raw = model
+    if resume:
+        if len(ckpt['ranks']) != world:
+            die(f"{path} was written by {len(ckpt['ranks'])} processes: resume with as many")
+        if ckpt['data'] != checksums:
+            die(f'the data differ from those {path} was trained on: restore them')
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scheduler.load_state_dict(ckpt['scheduler'])
+        if 'lr' in given:                        # a new --lr wins over the checkpoint's
+            optimizer.param_groups[0]['lr'], scheduler.base_lrs = tcfg.lr, [tcfg.lr]
+        start, best_val, mine = ckpt['step'], ckpt['best_val'], ckpt['ranks'][rank]
+        torch.set_rng_state(mine['rng'])
+        if mine['cuda_rng'] is not None and cuda:
+            torch.cuda.set_rng_state(mine['cuda_rng'])
+        states = [memory.to_device(s, device) for s in mine['memory']]
+        if not algo:
+            loaders['train'].load_state_dict(ckpt['loader'])
     if tcfg.compile:     # each segment is one graph; shapes settle after the first segments
         raw.segment = torch.compile(raw.segment)
-    if ddp:  # no buffers to broadcast: memory is passed in and out of forward
-        # LM streams carry RMT memory from step to step, so the initial memory goes unused
-        model = DDP(model, device_ids=[device] if device != 'cpu' else None,
-                    find_unused_parameters=mcfg.n_mem_tokens > 0 and not algo)
-
+    if ddp:  # no buffers to broadcast: memory is passed in and out of forward; LM: the initial
+        model = DDP(model, device_ids=[device] if device != 'cpu' else None,   # RMT memory goes
+                    find_unused_parameters=mcfg.n_mem_tokens > 0 and not algo)  # unused (carried)
     # ------------------------------------------------------------------------- helpers
-    def reduce(vals):
-        """Sum a list of numbers over ranks (sums, never means of means)."""
+    def reduce(vals):                            # sum over ranks: sums, never means of means
         t = torch.tensor(vals, dtype=torch.float64, device=device)
         if ddp:
             dist.all_reduce(t)
         return t.tolist()
-
-    @torch.no_grad()
-    def evaluate(split):
-        """Algorithmic: answer loss, teacher-forced and free-running per-token accuracy, exact
-        match. LM: token-weighted NLL over this rank's streams -> bpc or perplexity."""
+    def evaluate(split):  # -> loss, a line of metrics (algorithmic: accuracy; LM: bpc or ppl)
         raw.eval()
-        with ctx:    # one autocast region per evaluation: weights are cast once
-            if algo:
-                sums = [0.0] * 6
-                for x, y, w in loaders[split].eval_batches(4 * tcfg.batch_size,
-                                                           tcfg.eval_examples or None):
+        with torch.no_grad(), ctx:       # one autocast region per evaluation: weights cast once
+            if algo:                     # token accuracy teacher-forced and free-running
+                sums, size = [0.0] * 6, 4 * tcfg.batch_size
+                for x, y, w in loaders[split].eval_batches(size, tcfg.eval_examples or None):
                     batch = data.answer_metrics(raw, x.to(device), y.to(device), w.to(device),
                                                 spec['ans_len'], spec['score_len'])
                     sums = [a + b for a, b in zip(sums, batch)]
@@ -366,7 +272,7 @@ def main(argv):
                 n_ex = n_ans / spec['score_len']
                 res = dict(loss=nll / n, acc_tf=tf / n_ans, acc_free=fr / n_ans, exact=em / n_ex,
                            n=int(n_ex))
-            else:
+            else:                        # token-weighted NLL over this rank's streams
                 state, nll, n = None, 0.0, 0
                 for x, y in loaders[split].eval_windows(mcfg.seg_len, tcfg.eval_tokens or None):
                     out, state = raw(x.to(device), state, y.to(device))
@@ -376,29 +282,20 @@ def main(argv):
                 res['bpc' if tcfg.task != 'wt103' else 'ppl'] = \
                     nll / n / math.log(2) if tcfg.task != 'wt103' else math.exp(nll / n)
         raw.train()
-        return res
-
-    def get_batch(i):
-        """Training batch i (algorithmic) or the streams' next window (LM) on the device, and the
-        number of tokens whose loss is trained (counted on the CPU: no device sync)."""
-        if algo:
-            x, y, w = loaders['train'].batch(i)
-        else:
-            (x, y), w = loaders['train'].next(), None
-        n = y.numel() if w is None else int(w.sum())
+        return res['loss'], ' | '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
+                                       for k, v in res.items())
+    def get_batch(i):     # batch i (or the streams' next window) on the device, trained tokens
+        x, y, w = loaders['train'].batch(i) if algo else (*loaders['train'].next(), None)
+        n = y.numel() if w is None else int(w.sum())     # counted on the CPU: no device sync
         x, y, w = (t if t is None else (t.pin_memory() if cuda else t).to(device, non_blocking=True)
                    for t in (x, y, w))                   # pinned: the copy overlaps compute
         return x, y, w, n
-
-    def train_step(it):
-        """Forward and backward over grad_accum micro-steps, clip, then the optimizer step unless
-        the gradient is not finite. Returns loss, grad norm, trained and processed tokens."""
+    def train_step(it):   # grad_accum micro-steps, clip, step unless the gradient is not finite
         n_tok = n_seen = 0
         for micro in range(tcfg.grad_accum):
             x, y, w, n = get_batch(it * tcfg.grad_accum + micro)
             n_tok, n_seen = n_tok + n, n_seen + x.numel()
-            sync = not ddp or micro == tcfg.grad_accum - 1
-            with model.no_sync() if not sync else torch.enable_grad():
+            with model.no_sync() if ddp and micro < tcfg.grad_accum - 1 else torch.enable_grad():
                 with ctx:
                     nll, states[micro] = model(x, None if algo else states[micro], y)
                     loss = nll.float().mean() if w is None else (nll.float() * w).sum() / w.sum()
@@ -411,89 +308,95 @@ def main(argv):
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
         return loss, gnorm, n_tok, n_seen, ok
-
-    def mfu(tok_per_s, train):
-        """Model FLOP/s of this process, and the fraction of the GPU's peak where it is known."""
-        flops = raw.flops_per_token(train) * tok_per_s
-        peak = next((v for k, v in PEAK_TFLOPS.items()
-                     if cuda and k in torch.cuda.get_device_name(device)), None)
-        if peak is None:
-            return f'{flops / 1e12:.3f} TFLOP/s'
-        peak = peak * 1e12 / (2 if dtype == torch.float32 else 1)
-        return f'{flops / 1e12:.1f} TFLOP/s | mfu {flops / peak:.1%}'
-
-    def fmt(res):
-        return ' | '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
-                          for k, v in res.items())
-
-    def checkpoint(name, step):
-        """Everything needed to continue exactly; per rank: RNG states and the memory that
-        crosses steps. Called on every rank (it gathers), written by rank 0."""
+    def mfu(tok_per_s, train):  # model FLOP/s of this process, and the fraction of the GPU's peak
+        flops = raw.flops_per_token(train) * tok_per_s / 1e12          # TFLOP/s
+        gpu = torch.cuda.get_device_name(device) if cuda else ''
+        peak = next((v for k, v in {'H100': 989, 'H200': 989, 'A100': 312}.items() if k in gpu), 0)
+        peak /= 2 if dtype == torch.float32 else 1      # dense bf16 TFLOP/s per GPU; TF32 is half
+        return f'{flops:.1f} TFLOP/s | mfu {flops / peak:.1%}' if peak else f'{flops:.3f} TFLOP/s'
+    def checkpoint(name, step):  # all it takes to continue exactly; every rank gathers, 0 writes
         mine = dict(rng=torch.get_rng_state(), memory=[
             None if s is None else tuple(memory.to_device(s, 'cpu')) for s in states],
             cuda_rng=torch.cuda.get_rng_state() if cuda else None)
-        ranks = [mine]
+        ranks = [mine] * world
         if ddp:
-            ranks = [None] * world
             dist.all_gather_object(ranks, mine)
-        if master:
-            save_atomic(dict(model=raw.state_dict(), optimizer=optimizer.state_dict(),
-                             scheduler=scheduler.state_dict(), model_cfg=asdict(mcfg),
-                             train_cfg=asdict(tcfg), step=step, best_val=best_val, ranks=ranks,
-                             data=checksums,
-                             loader=None if algo else loaders['train'].state_dict()),
-                        os.path.join(tcfg.out_dir, name))
-
+        if not master:
+            return
+        dest = os.path.join(tcfg.out_dir, name)
+        tmp = f'{dest}.tmp{os.getpid()}'     # temp file, fsync, rename: never a torn checkpoint
+        try:
+            os.makedirs(tcfg.out_dir, exist_ok=True)
+            with open(tmp, 'wb') as f:
+                torch.save(dict(model=raw.state_dict(), optimizer=optimizer.state_dict(),
+                                scheduler=scheduler.state_dict(), model_cfg=asdict(mcfg),
+                                train_cfg=asdict(tcfg), step=step, best_val=best_val, ranks=ranks,
+                                data=checksums,
+                                loader=None if algo else loaders['train'].state_dict()), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        except (OSError, RuntimeError) as e:     # torch.save reports a full disk as RuntimeError
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            die(f'could not write {dest} ({type(e).__name__}: {str(e).splitlines()[0][:80]}): '
+                'free disk space or change --out_dir; the previous checkpoint is intact')
+    # ------------------------------------------------------------------------- eval, sample, bench
     if tcfg.mode == 'eval':
-        if master:
-            print(f'eval: arch {mcfg.arch} | seg_len {mcfg.seg_len} | mem_len {mcfg.mem_len} | '
-                  f'n_mem_tokens {mcfg.n_mem_tokens} | clamp_len {mcfg.clamp_len}')
+        print0(f'eval: arch {mcfg.arch} | seg_len {mcfg.seg_len} | mem_len {mcfg.mem_len} | '
+               f'n_mem_tokens {mcfg.n_mem_tokens} | clamp_len {mcfg.clamp_len}')
         for split in ('val', 'test'):
-            res = evaluate(split)
-            if master:
-                print(f'{split}: {fmt(res)}')
-        return
-    if tcfg.mode == 'sample':
+            print0(f'{split}: {evaluate(split)[1]}')     # evaluate runs on every rank
+    elif tcfg.mode == 'sample':
         raw.eval()
         prompt = torch.as_tensor(corpus.encode(tcfg.prompt), dtype=torch.long, device=device)
         out = raw.generate(prompt[None], tcfg.sample_len, None, tcfg.temperature, tcfg.top_k)
         print(corpus.decode(prompt.tolist() + out[0].tolist()))   # the prompt as the model saw it
-        return
-
-    if tcfg.mode == 'bench':  # warm-up, timed training steps, timed evaluation steps, one line
+    elif tcfg.mode == 'bench':  # warm-up, timed training steps, timed evaluation steps, one line
+        def memory_bytes(peak=False):    # in use now (and a new peak), or the peak since
+            if cuda:
+                if not peak:
+                    torch.cuda.reset_peak_memory_stats()
+                return torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
+            try:
+                if not peak:
+                    ctypes.CDLL('libc.so.6').malloc_trim(0)          # freed heap back to the OS
+                    open('/proc/self/clear_refs', 'w').write('5')   # reset the high-water mark
+                status = open('/proc/self/status').read()
+                return int(status.split('VmHWM:' if peak else 'VmRSS:')[1].split()[0]) * 1024
+            except (OSError, IndexError):
+                return 0
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         for it in range(3):
             train_step(it)
         sync()
-        base, t0 = memory_bytes(device), time.time()
-        n_tok, n_seen = map(sum, zip(*(train_step(it)[2:4] for it in range(3, 3 + tcfg.bench_iters))))
+        base, t0 = memory_bytes(), time.time()
+        tok, seen = map(sum, zip(*[train_step(i)[2:4] for i in range(3, 3 + tcfg.bench_iters)]))
         sync()
-        dt_train, peak = time.time() - t0, memory_bytes(device, peak=True) - base
+        dt_train, peak = time.time() - t0, memory_bytes(peak=True) - base
         raw.eval()
         with torch.no_grad(), ctx:
-            n_eval, n_seen_eval, state = 0, 0, None
+            n_eval, seen_eval, state = 0, 0, None
             for it in range(tcfg.bench_iters + 1):
                 if it == 1:                      # the first step is warm-up (casts, kernels)
                     sync()
-                    t0, n_eval, n_seen_eval = time.time(), 0, 0
+                    t0, n_eval, seen_eval = time.time(), 0, 0
                 x, y, w, n = get_batch(it)
                 _, state = raw(x, None if algo else state, y)
-                n_eval, n_seen_eval = n_eval + n, n_seen_eval + x.numel()
+                n_eval, seen_eval = n_eval + n, seen_eval + x.numel()
             sync()
             dt_eval = time.time() - t0
-        if master:
-            print(f'model: {mfu(n_seen / dt_train, True)} training, {mfu(n_seen_eval / dt_eval, False)} '
-                  f'evaluation (dtype {str(dtype)[6:]}, {"compiled" if tcfg.compile else "eager"})')
-            print(f'bench: train {n_tok * world / dt_train:.0f} tok/s, eval {n_eval * world / dt_eval:.0f}'
-                  f' tok/s, peak {peak / 2**20:.0f} MB, step {1000 * dt_train / tcfg.bench_iters:.0f} ms')
+        print0(f'model: {mfu(seen / dt_train, True)} training, {mfu(seen_eval / dt_eval, False)}'
+               f' evaluation (dtype {str(dtype)[6:]}, {"compiled" if tcfg.compile else "eager"})')
+        print0(f'bench: train {tok * world / dt_train:.0f} tok/s, eval '
+               f'{n_eval * world / dt_eval:.0f} tok/s, peak {peak / 2**20:.0f} MB, '
+               f'step {1000 * dt_train / tcfg.bench_iters:.0f} ms')
+    if tcfg.mode != 'train':
         return
-
     # ------------------------------------------------------------------------- training loop
-    if master:
-        os.makedirs(tcfg.out_dir, exist_ok=True)
-        n_params = sum(p.numel() for p in raw.parameters())
-        print(f'preset {tcfg.preset} | task {tcfg.task} | arch {mcfg.arch} | '
-              f'{n_params / 1e6:.2f}M params | world {world} | device {device}')
+    print0(f'preset {tcfg.preset} | task {tcfg.task} | arch {mcfg.arch} | '
+           f'{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params | world {world} | '
+           f'device {device}')
     signals = []                                 # SIGINT/SIGTERM: checkpoint, then exit
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda signum, frame: signals.append(signum))
@@ -504,11 +407,9 @@ def main(argv):
         if not ok:                               # the same on every rank: grads are reduced
             states, skipped = [None] * tcfg.grad_accum, skipped + 1
             if skipped > tcfg.skip_nonfinite:
-                print(f'error: non-finite loss or gradient at step {step}; the last good '
-                      f"checkpoint is {os.path.join(tcfg.out_dir, 'ckpt.pt')} (resume it with "
-                      '--resume, perhaps with a lower --lr, or allow --skip_nonfinite N)',
-                      file=sys.stderr)
-                sys.exit(1)
+                die(f'non-finite loss or gradient at step {step}; the last good checkpoint is '
+                    f"{os.path.join(tcfg.out_dir, 'ckpt.pt')} (resume it with --resume, perhaps "
+                    'with a lower --lr, or allow --skip_nonfinite N)', code=1)
             continue
         if tcfg.schedule == 'cosine':
             scheduler.step()
@@ -519,31 +420,21 @@ def main(argv):
                   f'{n_tok * world / dt:.0f} tok/s | {mfu(n_seen / dt, True)}', flush=True)
             t0, n_tok, n_seen = time.time(), 0, 0
         if step % tcfg.eval_interval == 0 or step == tcfg.max_iters:
-            res = evaluate('val')
+            val_loss, metrics = evaluate('val')
             if tcfg.schedule == 'plateau':
-                scheduler.step(res['loss'])
-            if master:
-                print(f'val step {step}: {fmt(res)}', flush=True)
-            if res['loss'] < best_val:
-                best_val = res['loss']
+                scheduler.step(val_loss)
+            print0(f'val step {step}: {metrics}', flush=True)
+            if val_loss < best_val:
+                best_val = val_loss
                 checkpoint('best.pt', step)
             checkpoint('ckpt.pt', step)
             t0 = time.time()
-        stop = bool(signals)
-        if ddp:                                  # every rank stops at the same step
-            flag = torch.tensor(float(stop), device=device)
-            dist.all_reduce(flag)
-            stop = flag.item() > 0
-        if stop:
+        if (reduce([len(signals)])[0] > 0) if ddp else signals:   # all ranks stop at one step
             checkpoint('ckpt.pt', step)
-            if master:
-                print(f'stopped by a signal at step {step}: continue with --resume', flush=True)
+            print0(f'stopped by a signal at step {step}: continue with --resume', flush=True)
             sys.exit(128 + (signals[0] if signals else signal.SIGTERM))
-
     # ------------------------------------------------------------------------- final test
-    res = evaluate('test')
-    if master:
-        print(f'test: {fmt(res)}')
+    print0(f"test: {evaluate('test')[1]}")
     if ddp:  # DDP's reducer goes before the process group: else gloo may abort at exit
         del model
         dist.barrier()
