@@ -161,6 +161,8 @@ def load_checkpoint(path, resume=False):
         die(f'{path} is not a readable checkpoint ({type(e).__name__}): use another file')
     if not isinstance(ckpt, dict) or not {'model', 'model_cfg', 'train_cfg'} <= ckpt.keys():
         die(f'{path} is not a checkpoint of this codebase: use another file')
+    if resume and 'ranks' not in ckpt:
+        die(f'{path} holds no training state to resume (older format): start a new run')
     return ckpt
 
 
