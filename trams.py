@@ -1,9 +1,8 @@
 """TRAMS: Training-free Memory Selection (Yu et al., EMNLP 2023 Findings) for an `xl` checkpoint.
 The pool stays XL's FIFO of M = mem_len inputs per layer; at evaluation each layer, head and batch
 row attends to [K selected | R recent | current]: the R newest pool states, plus the K older ones
-with the best score. No training. `python trams.py out/ckpt.pt --mem_len 400 --select_recent 150
---select_topk 50 --seg_len 64`. Shapes: B batch, H heads, S segment, P pool, N = P-R candidates,
-n = K+R kept, D head dim, C d_model."""
+with the best score. `python trams.py out/ckpt.pt`: the paper's M 400, R 150, K 50, segment 64.
+Shapes: B batch, H heads, S segment, P pool, N = P-R candidates, n = K+R kept, D head, C d_model."""
 import argparse
 import itertools
 import math
@@ -13,50 +12,28 @@ import time
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 
 import data
-from model import MemTransformer, ModelConfig, rel_shift
+from model import MemTransformer, ModelConfig, attention, rel_shift
 from train import die, load_checkpoint
 
 SELECTORS = ('trams', 'trams_paper', 'oracle', 'random', 'none')
 
 
-@dataclass
-class Selection:
-    """What attention sees of the pool; `attach(model, sel)` for evaluation, never for training."""
-    mem_select: str = 'trams'      # trams (official code) | trams_paper | oracle | random | none
-    select_recent: int = 150       # R: newest pool states, always kept
-    select_topk: int = 50          # K: best older states kept (the paper's m = R + K)
-    select_true_pos: bool = False  # selected states keep their true distances (default: compressed)
-    select_layers: tuple = ()      # layers that select (paper Fig. 7); () = all
-    stats: bool = False            # sum the attention probability that lands on the memory
-    mass: float = 0.0              # stats: attention probability on memory, summed over ...
-    queries: int = 0               # ... this many (query, head, layer) triples
-    picked: dict = field(default_factory=dict)  # layer -> kept pool indices (B, H, n), for --show
-    kv: dict = field(default_factory=dict)      # layer -> keys, values of [pool | last segment]
-    gen: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))  # random
-
-    def attend(self, attn, q, h, cache, pos, u, v, mask):  # called by model.RelAttention
-        return attend(self, attn, q, h, cache, pos, u, v, mask)
+def score_weights(w_q, H):
+    """[Rᵀ | q1] (H, D, D+1) of W_Q: W_Q,hᵀ = Q R (QR, so ‖W_Q,hᵀ k‖ = ‖R k‖) and q1 = W_Q,h 1."""
+    w = w_q.view(H, -1, w_q.size(1)).transpose(1, 2)                           # W_Q,hᵀ (H, C, D)
+    return torch.cat([torch.linalg.qr(w).R.transpose(1, 2), w.sum(1)[..., None]], -1)  # (H,D,D+1)
 
 
-def attach(model, sel):
-    """Route every layer's attention through `attend` (sel = None: back to plain XL)."""
-    for l, block in enumerate(model.blocks):
-        block.attn.selection, block.attn.layer = sel, l
-
-
-def trams_scores(w_q, k, paper=False):
-    """TRAMS §3.2: scores of the reformulated keys K' = W_Q,hᵀ k (C-dim) from the ordinary keys,
-    never building K': ΣK' = k·q1 with q1 = W_Q,h 1, ‖K'‖² = kᵀGk with G = W_Q,h W_Q,hᵀ.
-    Official code: ‖K'‖·|ΣK'|; paper text: ΣK'/sqrt(C) = cos<K', 1>‖K'‖. k (B, H, N, D)."""
-    w = w_q.view(k.size(1), k.size(3), -1)                                     # (H, D, C)
-    s = (k @ w.sum(-1)[..., None])[..., 0]                                     # (B, H, N)
-    if paper:
-        return s / math.sqrt(w.size(-1))
-    norm2 = ((k @ (w @ w.transpose(1, 2))) * k).sum(-1)                        # (B, H, N)
-    return norm2.clamp_min(0).sqrt() * s.abs()
+def trams_scores(w_q, k, paper=False, rq=None):
+    """TRAMS §3.2 scores of K' = W_Q,hᵀ k (C-dim) from k (B, H, N, D), never building K': ‖K'‖ =
+    ‖R k‖, ΣK' = q1·k (rq: score_weights(w_q)). Official code ‖K'‖·|ΣK'|; paper: ΣK'/sqrt(C)."""
+    rq = score_weights(w_q, k.size(1)) if rq is None else rq
+    kz = k.transpose(0, 1).flatten(1, 2) @ (rq[..., -1:] if paper else rq)   # (H, B N, D+1)
+    s = kz[..., -1] / math.sqrt(w_q.size(1)) if paper else \
+        torch.linalg.vector_norm(kz[..., :-1] * kz[..., -1:], dim=-1)          # ‖R k‖·|q1·k|
+    return s.view(k.size(1), k.size(0), -1).transpose(0, 1)                   # (B, H, N)
 
 
 def oracle_scores(qu, k, bd, mask, N):
@@ -73,8 +50,8 @@ def select(scores, n_topk, P):
 
 
 def positions(raw, S, idx=None):
-    """Positional scores (B, H, S, n+S) from raw = (q+v)·W_R r. idx None: contiguous slots (official
-    code: selected states look closer); idx (B, H, n): true distances, column S-1-i+j."""
+    """Positional scores (B, H, S, n+S) from raw = (q+v)·W_R r / sqrt(D). idx None: contiguous slots
+    (official code: selected states look closer); idx (B, H, n): true distances, column S-1-i+j."""
     bd = rel_shift(raw, raw.size(-1) - S)                                      # (B, H, S, P+S)
     if idx is None:
         return bd
@@ -82,48 +59,72 @@ def positions(raw, S, idx=None):
     return torch.cat([kept, bd[..., -S:]], -1)                                # (B, H, S, n+S)
 
 
-def attend(sel, attn, q, h, cache, pos, u, v, mask):
-    """RelAttention over [selected | recent | current] of the pool `cache` (B, P, C) and h. Pool
-    K/V are computed once, as a state enters the pool (sel.kv). Nothing to drop: plain XL."""
-    B, H, S, D = q.shape
-    P, R, K = cache.size(1), sel.select_recent, sel.select_topk
-    on = sel.mem_select != 'none' and R + K < P and (
-        not sel.select_layers or attn.layer in sel.select_layers)         # paper Fig. 7
-    old = sel.kv.get(attn.layer)
-    reuse = on and old is not None and old[0].size(2) >= P   # the pool = the newest P kept
-    x = h if reuse else torch.cat([cache, h], 1)
-    k, val = attn.kv(x).view(B, x.size(1), 2, H, D).permute(2, 0, 3, 1, 4)    # (B, H, ., D)
-    if reuse:
-        k, val = torch.cat([old[0][:, :, -P:], k], 2), torch.cat([old[1][:, :, -P:], val], 2)
-    sel.kv[attn.layer] = (k, val)                                              # (B, H, P+S, D)
-    n = R + K if on else P
-    full = on and (sel.select_true_pos or sel.mem_select == 'oracle')   # every distance needed
-    r = attn.r(pos if full else pos[P - n:]).view(-1, H, D).transpose(0, 1)   # (H, ., D)
-    raw = (q + v[:, None]) @ r.transpose(1, 2)                                 # (B, H, S, .)
-    if on:
-        with torch.no_grad():
-            if sel.mem_select == 'oracle':
-                scores = oracle_scores(q + u[:, None], k, positions(raw, S), mask, P - R)
-            elif sel.mem_select == 'random':
-                scores = torch.rand(B, H, P - R, generator=sel.gen).to(q.device)
+@dataclass
+class Selection:
+    """What attention sees of the pool; `attach(model, sel)` for evaluation, never for training."""
+    mem_select: str = 'trams'      # trams (official code) | trams_paper | oracle | random | none
+    select_recent: int = 150       # R: newest pool states, always kept
+    select_topk: int = 50          # K: best older states kept (the paper's m = R + K)
+    select_true_pos: bool = False  # selected states keep their true distances (default: compressed)
+    select_layers: tuple = ()      # layers that select (paper Fig. 7); () = all
+    stats: bool = False            # sum the attention probability that lands on the memory
+    mass: float = 0.0              # stats: attention probability on memory, summed over ...
+    queries: int = 0               # ... this many (query, head, layer) triples
+    picked: dict = field(default_factory=dict)  # layer -> kept pool indices (B, H, n), for --show
+    kv: dict = field(default_factory=dict)      # layer -> kept K/V, scores, pool end, score_weights
+    gen: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))  # random
+
+    @torch.no_grad()
+    def attend(self, attn, q, h, cache, pos, u, v, mask):
+        """Attention over [selected | recent | current] of the pool (nothing to drop: plain XL)."""
+        (B, H, S, D), P, R, K = q.shape, cache.size(1), self.select_recent, self.select_topk
+        how = self.mem_select if attn.layer in (self.select_layers or [attn.layer]) else 'none'
+        on, old = how != 'none' and R + K < P, self.kv.get(attn.layer)
+        reuse = on and old is not None and old[2] >= P and old[0].size(2) >= 2 * (P + S)
+        x = h if reuse else torch.cat([cache, h], 1)
+        k, val = attn.kv(x).view(B, x.size(1), 2, H, D).permute(2, 0, 3, 1, 4)  # (B, H, ., D)
+        if on:  # a state's key, value and score: computed once, as it enters, then kept as rows
+            kv, sc, end, rq = old if reuse else (     # [k | v] and score rows; the pool ends at end
+                k.new_empty(B, H, 2 * (P + S), 2 * D), k.new_zeros(B, H, 2 * (P + S)), P,
+                score_weights(attn.q.weight, H))
+            if end + S > kv.size(2):   # full: the pool to the front (no overlap: end - P > P + S)
+                kv[:, :, :P], sc[..., :P], end = kv[:, :, end - P:end], sc[..., end - P:end], P
+            new = slice(end + S - x.size(1), end + S)      # rows of x's states, the segment last
+            kv[:, :, new, :D], kv[:, :, new, D:] = k, val
+            if how in ('trams', 'trams_paper'):              # content only: fixed with the key
+                sc[..., new] = trams_scores(attn.q.weight, k, how == 'trams_paper', rq)
+            self.kv[attn.layer] = kv, sc, end + S, rq
+        n = R + K if on else P
+        full = on and (self.select_true_pos or how == 'oracle')      # every distance needed
+        r = attn.r(pos if full else pos[P - n:]).view(-1, H, D).transpose(0, 1)  # (H, ., D)
+        raw = (q + v[:, None]) / math.sqrt(D) @ r.transpose(1, 2)  # (B, H, S, .), scaled as XL
+        if on:  # the pool is in every query's past: the mask keeps its columns P-n: as they are
+            if how == 'oracle':
+                scores = oracle_scores(q + u[:, None], kv[:, :, end - P:end + S, :D],
+                                       positions(raw, S) * math.sqrt(D), mask, P - R)
+            elif how == 'random':
+                scores = torch.rand(B, H, P - R, generator=self.gen).to(q.device)
             else:
-                scores = trams_scores(attn.q.weight, k[:, :, :P - R], sel.mem_select != 'trams')
-            idx = select(scores, K, P)                                         # (B, H, n)
-        sel.picked[attn.layer] = idx
-        rows = torch.cat([idx, torch.arange(P, P + S, device=q.device).expand(B, H, S)], -1) \
-            + (P + S) * torch.arange(B * H, device=q.device).view(B, H, 1)    # (B, H, n+S)
-        k, val = k.reshape(-1, D)[rows], val.reshape(-1, D)[rows]              # (B, H, n+S, D)
-        mask = mask[:, P - n:]                              # the pool is in every query's past
-        raw = raw[..., P - n:] if full and not sel.select_true_pos else raw
-    bd = positions(raw, S, idx if on and sel.select_true_pos else None)       # (B, H, S, n+S)
-    bias = (bd / math.sqrt(D)).masked_fill(~mask, float('-inf'))
-    if sel.stats:    # one more value column, 1 on memory keys: its output = probability on memory
-        val = torch.cat([val, (torch.arange(n + S, device=q.device) < n).to(val.dtype)
-                         .expand(B, H, -1)[..., None]], -1)                    # (B, H, n+S, D+1)
-    y = F.scaled_dot_product_attention(q + u[:, None], k, val, attn_mask=bias)
-    if sel.stats:
-        sel.mass, sel.queries = sel.mass + y[..., D].detach().sum(), sel.queries + B * H * S
-    return y[..., :D]                                                          # (B, H, S, D)
+                scores = sc[..., end - P:end - R]
+            idx = select(scores, K, P + S)         # (B, H, n+S): kept pool states, the segment
+            self.picked[attn.layer] = idx[..., :n]
+            rows = idx + end - P + kv.size(2) * torch.arange(B * H, device=q.device).view(B, H, 1)
+            k, val = kv.view(-1, 2 * D).index_select(0, rows.view(-1)).view(
+                B, H, n + S, 2 * D).split(D, -1)                                # (B, H, n+S, D)
+            mask = mask[:, P - n:]
+            raw = raw[..., P - n:] if full and not self.select_true_pos else raw
+        bd = positions(raw, S, idx[..., :n] if on and self.select_true_pos else None)  # (., n+S)
+        if self.stats:  # attention probability on the n memory keys (an untimed pass)
+            p = (q + u[:, None]) @ k.transpose(2, 3) / math.sqrt(D) + bd           # (B, H, S, n+S)
+            p = p.masked_fill(~mask, float('-inf')).softmax(-1)
+            self.mass, self.queries = self.mass + p[..., :n].sum(), self.queries + B * H * S
+        return attention(q + u[:, None], k, val, bd, mask)                        # (B, H, S, D)
+
+
+def attach(model, sel):
+    """Route every layer's attention through `sel.attend` (sel = None: back to plain XL)."""
+    for l, block in enumerate(model.blocks):
+        block.attn.selection, block.attn.layer = sel, l
 
 # ----------------------------------------------------------------------------- command line
 
@@ -132,7 +133,7 @@ def evaluate(model, tokens, sel, a, device):
     """Paper protocol: contiguous streams, every target scored once, memory carried. Returns
     (mean NLL, tokens scored, seconds, probability on memory, peak MB)."""
     model.cfg = replace(model.cfg, mem_len=a.pool, seg_len=a.seg_len)
-    attach(model, sel)
+    attach(model, sel if sel.mem_select != 'none' or sel.stats else None)  # timed XL: model's own
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     t0, state, nll, n = time.time(), None, 0.0, 0
@@ -199,8 +200,7 @@ def main(argv):
         p.add_argument(name, action='store_true')
     a = p.parse_args(argv)
     ckpt = load_checkpoint(a.ckpt)
-    mc, tc = ckpt['model_cfg'], ckpt['train_cfg']
-    task = a.task or tc['task']
+    mc, tc, task = ckpt['model_cfg'], ckpt['train_cfg'], a.task or ckpt['train_cfg']['task']
     if mc['arch'] != 'xl' or task not in data.LM_TASKS:
         die(f"TRAMS needs an xl checkpoint and a language-modelling task, not '{mc['arch']}' on "
             f"'{task}' ({a.ckpt})")
