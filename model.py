@@ -99,8 +99,8 @@ def attention(q, k, v, bd, mask, dropatt=0.0):
     """softmax(q·kᵀ/sqrt(D) + bd, masked)·v; q (B, H, S, D), k and v (B, H, K, D), positional term
     bd (B, H, S, K) already scaled, mask (S, K) True = may attend. SDPA where it is the faster
     kernel (CUDA; CPU fp32 inference). On the CPU, SDPA falls back to a slower path when its bias
-    needs a gradient or in bf16 (3-4x in our bench), so the plain formula runs there; it also
-    masks in place and never builds the bias. test_all.py checks that both paths agree."""
+    needs a gradient or in bf16 (2.5x slower in our bench), so the plain formula runs there; it
+    also masks in place and never builds the bias. test_all.py checks that both paths agree."""
     B, H, S, D = q.shape
     if q.is_cuda or (q.dtype == torch.float32 and not torch.is_grad_enabled()):
         return F.scaled_dot_product_attention(q, k, v, bd.masked_fill(~mask, float('-inf')),
