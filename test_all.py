@@ -479,9 +479,9 @@ def test_trams_cheap_scores_explicit_and_oracle_keeps_most_attention_mass():
     assert torch.allclose(trams.trams_scores(w_q, k, paper=True), k_ref.sum(-1) / 10 ** 0.5)
     B, H, S, P, D, R, K, mask = 2, 3, 4, 20, 8, 4, 5, build_mask(20, 0, 4, 0)
     qu, k, bd = (torch.randn(B, H, *shape) for shape in ((S, D), (P + S, D), (S, P + S)))
-    probs = ((qu @ k.transpose(2, 3) + bd) / D ** 0.5).masked_fill(~mask, -1e9).softmax(-1)
-    picks = dict(oracle=trams.oracle_scores(qu, k, bd, mask, P - R), random=torch.rand(B, H, P - R),
-                 trams=trams.trams_scores(torch.randn(H * D, 16), k[:, :, :P - R]))
+    probs = (qu @ k.transpose(2, 3) / D ** 0.5 + bd).masked_fill(~mask, -1e9).softmax(-1)
+    picks = dict(oracle=trams.probs(qu, k, bd, mask)[..., :P - R].sum(2), random=torch.rand(
+        B, H, P - R), trams=trams.trams_scores(torch.randn(H * D, 16), k[:, :, :P - R]))
     kept = {h: probs[..., :P].sum(2).gather(-1, trams.select(s, K, P)).sum()
             for h, s in picks.items()}
     assert kept['oracle'] >= kept['trams'] and kept['oracle'] >= kept['random'], kept

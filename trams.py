@@ -36,10 +36,11 @@ def trams_scores(w_q, k, paper=False, rq=None):
     return s.view(k.size(1), k.size(0), -1).transpose(0, 1)                   # (B, H, N)
 
 
-def oracle_scores(qu, k, bd, mask, N):
-    """Paper Fig. 1 upper bound: attention mass of each of the N candidates (not a speed-up)."""
-    logits = (qu @ k.transpose(2, 3) + bd) / math.sqrt(k.size(3))              # (B, H, S, P+S)
-    return logits.masked_fill(~mask, float('-inf')).softmax(-1)[..., :N].sum(2)  # (B, H, N)
+def probs(qu, k, bd, mask):
+    """Attention probabilities (B, H, S, K) as `model.attention` forms them (bd already scaled)."""
+    logits = qu @ k.transpose(2, 3) / math.sqrt(k.size(3)) + bd                # (B, H, S, K)
+    return logits.masked_fill(~mask, float('-inf')).softmax(-1)
+
 
 
 def select(scores, n_topk, P):
@@ -99,9 +100,9 @@ class Selection:
         r = attn.r(pos if full else pos[P - n:]).view(-1, H, D).transpose(0, 1)  # (H, ., D)
         raw = (q + v[:, None]) / math.sqrt(D) @ r.transpose(1, 2)  # (B, H, S, .), scaled as XL
         if on:  # the pool is in every query's past: the mask keeps its columns P-n: as they are
-            if how == 'oracle':
-                scores = oracle_scores(q + u[:, None], kv[:, :, end - P:end + S, :D],
-                                       positions(raw, S) * math.sqrt(D), mask, P - R)
+            if how == 'oracle':  # paper Fig. 1 upper bound: the attention mass each candidate gets
+                scores = probs(q + u[:, None], kv[:, :, end - P:end + S, :D], positions(raw, S),
+                               mask)[..., :P - R].sum(2)                        # (B, H, P-R)
             elif how == 'random':
                 scores = torch.rand(B, H, P - R, generator=self.gen).to(q.device)
             else:
@@ -115,8 +116,7 @@ class Selection:
             raw = raw[..., P - n:] if full and not self.select_true_pos else raw
         bd = positions(raw, S, idx[..., :n] if on and self.select_true_pos else None)  # (., n+S)
         if self.stats:  # attention probability on the n memory keys (an untimed pass)
-            p = (q + u[:, None]) @ k.transpose(2, 3) / math.sqrt(D) + bd           # (B, H, S, n+S)
-            p = p.masked_fill(~mask, float('-inf')).softmax(-1)
+            p = probs(q + u[:, None], k, bd, mask)                               # (B, H, S, n+S)
             self.mass, self.queries = self.mass + p[..., :n].sum(), self.queries + B * H * S
         return attention(q + u[:, None], k, val, bd, mask)                        # (B, H, S, D)
 
