@@ -66,8 +66,8 @@ LM = dict(dropout=0.1, schedule='cosine', bptt_depth=1, eval_tokens=0, lr=2.5e-4
 ENWIK8 = dict(LM, n_layer=12, d_model=512, n_head=8, d_head=64, d_inner=2048, batch_size=22,
               max_iters=400_000, seg_len=128, mem_len=128, n_mem_tokens=10)
 LM_CPU = dict(LM, n_layer=4, d_model=128, n_head=4, d_head=32, d_inner=512, lr=1e-3,
-              warmup_iters=100, batch_size=16, max_iters=1000, eval_interval=250,
-              eval_tokens=20_000, seg_len=64, mem_len=64, n_mem_tokens=8, log_interval=100)
+              warmup_iters=100, batch_size=12, max_iters=2000, eval_interval=500,
+              eval_tokens=20_000, seg_len=64, mem_len=40, n_mem_tokens=10, log_interval=250)
 PRESETS = {                              # a preset's task is its name without '_cpu'
     'copy': dict(PAPER, seq_len=24, seg_len=12, n_mem_tokens=6, mem_len=6),
     'reverse': dict(PAPER, seq_len=24, seg_len=12, n_mem_tokens=6, mem_len=6),
@@ -75,13 +75,13 @@ PRESETS = {                              # a preset's task is its name without '
     'sqeq': dict(PAPER, n_layer=6, n_head=6, max_iters=600_000, seg_len=30, n_mem_tokens=30,
                  mem_len=30),
     'copy_cpu': dict(),                  # the defaults
-    'reverse_cpu': dict(seg_len=12, n_mem_tokens=6, mem_len=6),
-    'retrieval_cpu': dict(NARROW, n_layer=3, seg_len=5, n_mem_tokens=5, mem_len=5),
+    'reverse_cpu': dict(),               # 48 input tokens: 2 segments
+    'retrieval_cpu': dict(n_layer=3, seg_len=3, n_mem_tokens=3, mem_len=3),  # last seg: '10' only
     'sqeq_cpu': dict(seg_len=30, n_mem_tokens=30, mem_len=30, batch_size=32, eval_examples=500),
     'enwik8': ENWIK8, 'text': ENWIK8,
     'wt103': dict(LM, n_layer=16, d_model=410, n_head=10, d_head=41, d_inner=2100, batch_size=60,
                   max_iters=200_000, seg_len=150, mem_len=150, n_mem_tokens=25, bptt_depth=2),
-    'enwik8_cpu': LM_CPU, 'text_cpu': LM_CPU,
+    'enwik8_cpu': LM_CPU, 'text_cpu': dict(LM_CPU, eval_tokens=0),
     'wt103_cpu': dict(LM_CPU, seg_len=32, mem_len=32),
 }
 
