@@ -76,7 +76,7 @@ PRESETS = {                              # a preset's task is its name without '
                  mem_len=30),
     'copy_cpu': dict(),                  # the defaults
     'reverse_cpu': dict(),               # 48 input tokens: 2 segments
-    'retrieval_cpu': dict(n_layer=3, seg_len=3, n_mem_tokens=3, mem_len=3),  # last seg: '10' only
+    'retrieval_cpu': dict(n_layer=3, seg_len=3, n_mem_tokens=3, mem_len=3, batch_size=256),
     'sqeq_cpu': dict(seg_len=30, n_mem_tokens=30, mem_len=30, batch_size=32, eval_examples=500),
     'enwik8': ENWIK8, 'text': ENWIK8,
     'wt103': dict(LM, n_layer=16, d_model=410, n_head=10, d_head=41, d_inner=2100, batch_size=60,

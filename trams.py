@@ -42,7 +42,6 @@ def probs(qu, k, bd, mask):
     return logits.masked_fill(~mask, float('-inf')).softmax(-1)
 
 
-
 def select(scores, n_topk, P):
     """Kept pool indices in time order: the n_topk best of the N oldest, then the P-N recent."""
     old = scores.topk(n_topk, -1).indices.sort(-1).values                     # (B, H, K)
@@ -151,15 +150,17 @@ def evaluate(model, tokens, sel, a, device):
 
 def compare(model, tokens, a, device, rows):
     """rows: (name, mem_select, pool). Pass 0: metrics and statistic; then --repeat timed passes."""
-    res, times = {}, {name: [] for name, _, _ in rows}
+    res, times = {}, []
     for rep in range(a.repeat + 1):
         for name, how, pool in rows:
             sel = Selection(how, a.select_recent, a.select_topk, a.select_true_pos,
                             a.select_layers, stats=rep == 0)
             r = evaluate(model, tokens, sel, argparse.Namespace(**vars(a), pool=pool), device)
             res[name] = res.get(name, r)
-            times[name].append(r[2])
-    return {k: (*r[:2], sorted(times[k][1:])[a.repeat // 2], *r[3:]) for k, r in res.items()}
+            times.append(r[2])
+    t = torch.tensor(times).view(a.repeat + 1, len(rows))[1:]         # (repeat, rows) seconds
+    dt, ratio = t.median(0).values, (t / t[:, :1]).median(0).values   # ratio: within a pass
+    return {k: (*r[:2], dt[i], ratio[i], *r[3:]) for i, (k, r) in enumerate(res.items())}
 
 
 def show(model, corpus, a, device):
@@ -235,15 +236,14 @@ def main(argv):
     print(f"| {'setting | ' * bool(settings)}row | {unit} | tokens | s | vs XL(R+K) | "
           f"prob on memory | peak MB |\n|---|" + '---|' * (6 + bool(settings)))
     for b in settings or [a]:     # a sweep (paper Figs. 4-6): XL(R+K) and TRAMS per setting
-        rows = [('XL mem R+K', 'none', b.select_recent + b.select_topk),
-                ('XL mem M', 'none', b.mem_len),
-                ('TRAMS', 'trams', b.mem_len), ('TRAMS (paper score)', 'trams_paper', b.mem_len),
-                ('oracle', 'oracle', b.mem_len), ('random', 'random', b.mem_len)]
+        rows = [('XL mem R+K', 'none', b.select_recent + b.select_topk)] + [(name, how, b.mem_len)
+                for name, how in (('XL mem M', 'none'), ('TRAMS', 'trams'), ('TRAMS (paper score)',
+                                  'trams_paper'), ('oracle', 'oracle'), ('random', 'random'))]
         res = compare(model, corpus.test, b, device, [rows[0], rows[2]] if settings else rows)
-        for name, (nll, n, dt, prob, peak) in res.items():
+        for name, (nll, n, dt, ratio, prob, peak) in res.items():
             print(f"| {f'{getattr(b, key)} | ' if settings else ''}{name} | "
                   f"{math.exp(nll) if unit == 'ppl' else nll / math.log(2):.4f} | {n} | {dt:.2f} |"
-                  f' {dt / res["XL mem R+K"][2]:.2f}x | {prob:.4f} | {peak:.0f} |', flush=True)
+                  f' {ratio:.2f}x | {prob:.4f} | {peak:.0f} |', flush=True)
 
 
 if __name__ == '__main__':
