@@ -75,7 +75,7 @@ PRESETS = {                              # a preset's task is its name without '
     'sqeq': dict(PAPER, n_layer=6, n_head=6, max_iters=600_000, seg_len=30, n_mem_tokens=30,
                  mem_len=30),
     'copy_cpu': dict(),                  # the defaults
-    'reverse_cpu': dict(),               # 48 input tokens: 2 segments
+    'reverse_cpu': dict(max_iters=8000),  # 48 input tokens: 2 segments
     'retrieval_cpu': dict(n_layer=3, seg_len=3, n_mem_tokens=3, mem_len=3, batch_size=256),
     'sqeq_cpu': dict(seg_len=30, n_mem_tokens=30, mem_len=30, batch_size=32, eval_examples=500),
     'enwik8': ENWIK8, 'text': ENWIK8,
