@@ -163,7 +163,8 @@ class Block(nn.Module):
 
 class MemTransformer(nn.Module):
     """Decoder-only Transformer with relative positions and optional XL cache / memory tokens.
-    forward(idx, state, targets) -> (log-probs (B, T, V) or per-token NLL (B, T), new state)."""
+    forward(idx, state, targets) -> (log-probs (B, T, V) or per-token NLL (B, T), new state).
+    Deviation: the initial RMT memory is N(0, 1e-3^2) rows, not identical N(0, 1) ones (__init__)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -173,17 +174,28 @@ class MemTransformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.u = nn.Parameter(torch.zeros(H, D))       # content bias, shared by all layers
         self.v = nn.Parameter(torch.zeros(H, D))       # position bias, shared by all layers
-        # RMT/MT: learned initial memory, zeros at init (the original: M identical N(0,1) rows).
-        # Zeros learn much faster here: a write slot's first LayerNorm then sees only what it read
+        # RMT/MT: learned initial memory (M, C), filled in below
         self.mem_init = nn.Parameter(torch.zeros(cfg.n_mem_tokens, C)) if cfg.n_mem_tokens else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         if cfg.cutoffs:  # word-level LM: adaptive softmax (Grave et al. 2017), untied (README)
             self.asm = nn.AdaptiveLogSoftmaxWithLoss(C, cfg.vocab_size, list(cfg.cutoffs))
         else:            # output weights = tok_emb, plus a bias
             self.asm, self.out_bias = None, nn.Parameter(torch.zeros(cfg.vocab_size))
+        # RMT auxiliary loss: the output logit of the memory's own target, id V (no data token)
+        self.mem_target = nn.Linear(C, 1) if cfg.aux_mem_loss else None
         self.apply(self._init)
         for p in (self.u, self.v):
             nn.init.normal_(p, std=0.02)
+        if self.mem_init is not None:
+            # Distinct small rows, N(0, 1e-3^2). Zeros fail at depth: in the first segment the
+            # read slots see only each other, so every post-LN LayerNorm on their path normalises
+            # a vector of variance 0 and multiplies the gradient by 1/sqrt(eps) (about 316); the
+            # gradient of the initial memory grows about 1e5 per layer (non-finite at 6 layers).
+            # Rows at the embedding scale (std >= 0.02; the original: identical N(0, 1) rows)
+            # dominate the write slots' LayerNorm, so the memory starts without content: copy
+            # stayed at chance. At 1e-3 the step-1 gradient of mem_init is 0.1-4x that of the
+            # largest other parameter at 2 to 16 layers and every preset's width (README).
+            nn.init.normal_(self.mem_init, std=1e-3)
 
     @staticmethod
     def _init(m):
@@ -227,11 +239,21 @@ class MemTransformer(nn.Module):
             return self.log_probs(out), new_state                                # (B, T, V)
         nll = self.nll(out, targets)                                             # (B, T)
         if self.training and cfg.aux_mem_loss:
-            # RMT paper's auxiliary loss: write memory predicts a fixed token (id 0) through the
-            # LM head; spread over the segment's tokens so that the mean adds weight * aux
-            aux = self.nll(mem, torch.zeros(mem.shape[:2], dtype=torch.long, device=mem.device))
-            nll = nll + cfg.aux_mem_loss * aux.mean(1, keepdim=True)
+            # spread over the segment's tokens, so that their mean adds weight * aux
+            nll = nll + cfg.aux_mem_loss * self.mem_target_nll(mem).mean(1, keepdim=True)
         return nll, new_state
+
+    def mem_target_nll(self, mem):
+        """RMT paper's auxiliary loss: -log p(V | write memory) (B, M), where V is an output id of
+        the memory's own that no data token has. V competes with the real vocabulary (for the
+        adaptive softmax: with the head's classes); token positions never see it, so their
+        distribution, and bpc or perplexity, stay normalised over the data's vocabulary."""
+        if self.asm is not None:
+            real = self.asm.head(mem)                                      # (B, M, head size)
+        else:
+            real = F.linear(mem, self.tok_emb.weight, self.out_bias)       # (B, M, V)
+        logits = torch.cat([real, self.mem_target(mem)], -1).float()      # (B, M, V+1)
+        return logits.logsumexp(-1) - logits[..., -1]                     # (B, M)
 
     def flops_per_token(self, train=True):
         """Model FLOPs per segment token (2 per multiply-add; backward = 2x forward): projections

@@ -8,8 +8,10 @@ import re
 import subprocess
 import sys
 import tempfile
+import signal
 import time
 import traceback
+import unittest
 import zipfile
 from unittest import mock
 
@@ -21,6 +23,7 @@ from data import (SQEQ_CHARS, DataError, Examples, Stream, generate, load_corpus
                   split_checksum, task_spec)
 import memory
 from model import ARCHS, MemTransformer, ModelConfig, build_mask, rel_shift
+import train
 import trams
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,6 +49,19 @@ def emb_grads(model, idx, loss_fn):  # d loss_fn(output) / d token embeddings ->
 def run(*args, timeout=120):
     return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def train_main(*args):  # train.py in this process -> (exit code, stdout, stderr)
+    out, err = io.StringIO(), io.StringIO()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = train.main(list(args)) or 0
+        except SystemExit as e:
+            code = e.code
+    for s, h in handlers.items():   # train.main catches SIGINT/SIGTERM: give them back
+        signal.signal(s, h)
+    return code, out.getvalue(), err.getvalue()
 
 
 # ----------------------------------------------------------------------------- model
@@ -134,6 +150,53 @@ def test_xl_cache_is_fifo_detached_and_mem_len_long():
     seen = torch.cat(inputs, 1)                      # layer-1 inputs of all 15 positions
     assert torch.equal(state.cache[1], seen[:, -7:])  # the newest 7, old first: (2, 7, 32)
     assert not any(c.requires_grad for c in state.cache)
+
+
+def _first_step_grads(preset, arch, **small):
+    """Two training steps of `preset` (true depth, segments, memory; small width and batch) as
+    train.py takes them: -> (step-1 grad norm of mem_init, of the largest other parameter,
+    total step-1 norm before clipping, step-2 loss)."""
+    given = dict(preset=preset, arch=arch, d_model=16, d_head=8, d_inner=32, **small)
+    mcfg, tcfg, _ = train.make_configs(given)
+    if tcfg.task in data.ALGO_TASKS:
+        mcfg.vocab_size = task_spec(tcfg.task, tcfg.seq_len)['vocab_size']
+        seqs = generate(tcfg.task, 2, tcfg.seq_len, np.random.default_rng(0))
+        x, y, w = Examples(seqs, task_spec(tcfg.task, tcfg.seq_len)['ans_len'], 2).batch(0)
+    else:                                   # wt103: a small vocabulary, still adaptive
+        mcfg.vocab_size, mcfg.cutoffs = (300, (20, 200)) if tcfg.task == 'wt103' else (256, ())
+        n = mcfg.seg_len * (mcfg.bptt_depth + 1)
+        x, y = torch.randint(0, mcfg.vocab_size, (2, 2, n)).unbind(0)
+        w = torch.ones_like(x, dtype=torch.float)
+    torch.manual_seed(0)
+    m = MemTransformer(mcfg)
+    opt, state = torch.optim.Adam(m.parameters(), lr=tcfg.lr), None
+    for step in (1, 2):                     # the LM memory is carried into step 2
+        nll, state = m(x, state if tcfg.task in data.LM_TASKS else None, y)
+        loss = (nll * w).sum() / w.sum()
+        loss.backward()
+        if step == 1:
+            norms = {n: p.grad.norm().item() for n, p in m.named_parameters() if p.grad is not None}
+            g_mem = norms.pop('mem_init', None)
+        total = torch.nn.utils.clip_grad_norm_(m.parameters(), tcfg.grad_clip).item()
+        opt.step()
+        opt.zero_grad()
+        if step == 1:
+            res = g_mem, max(norms.values()), total
+    return (*res, loss.item())
+
+
+def test_every_preset_trains_at_its_depth_initial_memory_moderate():
+    """Every preset x arch at its true depth: finite losses and a step-1 gradient norm below 10.
+    Post-LN at N(0, 0.02) init gives every parameter a gradient of order 1 (here 0.2-4.5), and
+    clipping at 0.25 turns a norm far above that into a step spent on one parameter. A zero initial
+    memory makes the read slots' LayerNorms normalise variance 0, so its gradient grows ~1e5 per
+    layer (2e10 at 4 layers, inf at 6): this test fails with it."""
+    for preset in train.PRESETS:
+        for arch in ARCHS:
+            g_mem, g_other, total, loss2 = _first_step_grads(preset, arch)
+            assert total < 10 and np.isfinite(loss2), (preset, arch, total, loss2)
+            if g_mem is not None:           # the memory does not take over the clipped step
+                assert g_mem < 10 * g_other, (preset, arch, g_mem, g_other)
 
 
 # ----------------------------------------------------------------------------- data: algorithmic
@@ -417,15 +480,34 @@ def test_adaptive_softmax_normalised_loss_matches_and_sampling_deterministic():
     assert outs[0].shape == (1, 17) and torch.equal(outs[0], outs[1])
 
 
+def test_aux_memory_loss_predicts_its_own_target_real_vocab_normalised():
+    assert not any('mem_target' in k for k in tiny('xl_rmt').state_dict())  # off: as before
+    x, y = torch.randint(0, 50, (2, 10)), torch.randint(0, 50, (2, 10))
+    for cutoffs in ((), (10, 30)):      # full softmax and adaptive softmax
+        m = tiny('xl_rmt', vocab_size=50, cutoffs=cutoffs, aux_mem_loss=0.01)
+        logp, _ = m.eval()(x)           # token positions: the 50 real ids, summing to 1
+        assert logp.shape == (2, 10, 50) and torch.allclose(logp.exp().sum(-1), torch.ones(2, 10))
+        nll_eval = m(x, None, y)[0]
+        losses = []
+        for bias in (0.0, 10.0):        # a larger logit for id V: the memory loss falls ...
+            with torch.no_grad():
+                m.mem_target.bias.fill_(bias)
+            losses.append(m.train()(x, None, y)[0].mean().item())
+            assert torch.equal(m.eval()(x, None, y)[0], nll_eval)  # ... tokens never see it
+        # -log p(V): near log(V + 1) at init (adaptive: log(head classes + 1)), near 0 at bias 10
+        aux = [(loss - nll_eval.mean().item()) / 0.01 for loss in losses]
+        n_out = 51 if not cutoffs else 10 + 2 + 1
+        assert abs(aux[0] - np.log(n_out)) < 0.5 and aux[1] < 0.01, (aux, n_out)
+
+
 def test_uniform_model_has_8_bpc_and_eval_reports_protocol():
-    from train import TrainConfig
     with tempfile.TemporaryDirectory() as d:
         _put(f'{d}/corpus.txt', np.random.default_rng(0).bytes(200_000))
         cfg = ModelConfig(arch='xl', vocab_size=256, n_layer=1, d_model=16, n_head=2, d_head=8,
                           d_inner=32, seg_len=16, mem_len=16, bptt_depth=0)
         m = MemTransformer(cfg)
         torch.nn.init.zeros_(m.tok_emb.weight)         # every logit 0: uniform over 256 bytes
-        tc = TrainConfig(task='text', data_path=f'{d}/corpus.txt', batch_size=4)
+        tc = train.TrainConfig(task='text', data_path=f'{d}/corpus.txt', batch_size=4)
         torch.save(dict(model=m.state_dict(), model_cfg=vars(cfg), train_cfg=vars(tc)), f'{d}/u.pt')
         r = run('train.py', '--mode', 'eval', '--init_from', f'{d}/u.pt', '--mem_len', '48',
                 '--eval_tokens', '640')
@@ -438,6 +520,30 @@ def test_uniform_model_has_8_bpc_and_eval_reports_protocol():
             r = run('train.py', '--mode', 'bench', '--task', task, '--data_path', f'{d}/corpus.txt',
                     '--bench_iters', '2', '--n_layer', '1', '--batch_size', '4', '--data_dir', d)
             assert re.fullmatch(bench, (r.stdout.splitlines() or [''])[-1]), r.stdout + r.stderr
+
+
+def test_grad_accum_splits_streams_each_chunk_keeps_its_memory():
+    """--batch_size B*G --grad_accum 1 == --batch_size B --grad_accum G: the same streams, each
+    micro-step's rows with their own memory in time order; the same losses, weights, evaluation."""
+    with tempfile.TemporaryDirectory() as d:
+        _put(f'{d}/t.txt', open(os.path.join(HERE, 'train.py'), 'rb').read() * 4)
+        for arch in ('xl', 'rmt'):
+            runs = []
+            for batch, accum in ((6, 1), (2, 3)):
+                code, out, err = train_main(
+                    *f'--task text --data_path {d}/t.txt --arch {arch} --n_layer 2 --d_model 32 '
+                    '--d_head 16 --d_inner 64 --seg_len 8 --mem_len 8 --n_mem_tokens 2 '
+                    '--bptt_depth 1 --dropout 0 --dtype float32 --max_iters 4 --log_interval 1 '
+                    f'--eval_interval 4 --eval_tokens 300 --batch_size {batch} '
+                    f'--grad_accum {accum} --out_dir {d}/{arch}{accum}'.split())
+                assert code == 0, err
+                lines = [ln.split(' | ')[1:4:2] for ln in out.splitlines() if ln.startswith('step')]
+                evals = [ln for ln in out.splitlines() if ln.startswith(('val', 'test'))]
+                runs.append((lines, evals, torch.load(f'{d}/{arch}{accum}/ckpt.pt',
+                                                      weights_only=True)['model']))
+            (l1, e1, w1), (l2, e2, w2) = runs
+            assert len(l1) == 4 and l1 == l2 and e1 == e2 != [], (arch, l1, l2, e1, e2)
+            assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5, arch
 
 
 # ----------------------------------------------------------------------------- TRAMS
@@ -539,6 +645,15 @@ def test_bad_input_exits_2_with_one_line():
             assert len(r.stderr.strip().splitlines()) == 1 and 'Traceback' not in r.stderr, r.stderr
 
 
+def test_preset_choice_quick_default_on_every_device():
+    for gpu in (False, True):
+        with mock.patch.object(torch.cuda, 'is_available', return_value=gpu):
+            assert train.choose_preset({})[0] == 'copy_cpu'          # the quickstart, also on GPU
+            assert train.choose_preset({'task': 'enwik8'})[0] == ('enwik8' if gpu else 'enwik8_cpu')
+            assert train.choose_preset({'task': 'sqeq', 'device': 'cpu'})[0] == 'sqeq_cpu'
+            assert train.choose_preset({'task': 'copy', 'preset': 'retrieval'})[0] == 'retrieval'
+
+
 # ----------------------------------------------------------------------------- reliability
 def test_sigkill_sigterm_resume_exactly_and_nonfinite_stop():
     def train(*args, wait=True):
@@ -567,6 +682,10 @@ def test_sigkill_sigterm_resume_exactly_and_nonfinite_stop():
         r = run('train.py', '--resume', '--out_dir', f'{d}/b', '--max_iters', '99', '--lr', '1e30',
                 '--grad_clip', '0')
         assert r.returncode == 1 and 'non-finite' in r.stderr and 'Traceback' not in r.stderr
+        assert f'{d}/b/ckpt.pt: resume it' in r.stderr, r.stderr
+        r = train('--max_iters', '99', '--lr', '1e30', '--grad_clip', '0', '--out_dir', f'{d}/e')
+        assert r.returncode == 1 and 'no checkpoint was written yet' in r.stderr, r.stderr
+        assert not os.path.exists(f'{d}/e/ckpt.pt')
         ckpt = torch.load(f'{d}/b/ckpt.pt', weights_only=True)  # the last good one survived
         assert ckpt['step'] == 12 and all(v.isfinite().all() for v in ckpt['model'].values())
         p = train(*f'--max_iters 100000 --eval_interval 100000 --out_dir {d}/c'.split(), wait=False)
@@ -578,18 +697,67 @@ def test_sigkill_sigterm_resume_exactly_and_nonfinite_stop():
         assert torch.load(f'{d}/c/ckpt.pt', weights_only=True)['step'] >= 1
 
 
+# ----------------------------------------------------------------------------- GPU
+def device_checks(dev):
+    """The device-sensitive paths on dev: its attention (SDPA on CUDA) against the CPU's plain
+    formula in fp32 and bf16, bf16 training of rmt and xl, --compile with no recompilation after
+    the first segments, a one-process DDP run (nccl on CUDA). By hand: device_checks('cpu')."""
+    x = torch.randint(0, 12, (2, 20))
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+        for arch in ARCHS:
+            m, outs = tiny(arch), []
+            for d in ('cpu', dev):          # with grad on the CPU: the plain formula
+                with torch.autocast(d.split(':')[0], dtype, enabled=dtype != torch.float32):
+                    outs.append(m.to(d)(x.to(d))[0].float().cpu())
+            assert (outs[0] - outs[1]).abs().max() < tol, (arch, dtype)
+    m = tiny('rmt').to(dev)
+    m.segment, opt = torch.compile(m.segment), torch.optim.Adam(m.parameters())
+    with contextlib.ExitStack() as stack:
+        for step in range(4):               # step 0 compiles the first segment and the rest
+            if step == 1:
+                stack.enter_context(mock.patch.object(torch._dynamo.config,
+                                                      'error_on_recompile', True))
+            nll, _ = m(x.to(dev), None, x.to(dev))
+            nll.mean().backward()
+            opt.step()
+            opt.zero_grad()
+    with tempfile.TemporaryDirectory() as d:
+        _put(f'{d}/t.txt', open(os.path.join(HERE, 'train.py'), 'rb').read() * 10)
+        lm = f'--preset text_cpu --data_path {d}/t.txt --device {dev} --eval_tokens 2000'.split()
+        for arch in ('rmt', 'xl'):
+            r = run('train.py', *lm, '--dtype', 'bfloat16', '--arch', arch, '--max_iters', '30',
+                    '--log_interval', '10', '--out_dir', f'{d}/{arch}', timeout=300)
+            losses = [float(ln.split(' | ')[1].split()[1]) for ln in r.stdout.splitlines()
+                      if ln.startswith('step ')]
+            assert r.returncode == 0 and len(losses) == 3, r.stdout + r.stderr[-2000:]
+            assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.5, (arch, losses)
+        r = run('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1', 'train.py',
+                *lm, '--max_iters', '3', '--out_dir', f'{d}/ddp', timeout=300)
+        where = 'cuda:0' if dev.startswith('cuda') else dev
+        assert r.returncode == 0 and f'device {where}' in r.stdout and 'test:' in r.stdout, \
+            r.stdout + r.stderr[-2000:]
+
+
+def test_cuda_paths():
+    if not torch.cuda.is_available():
+        raise unittest.SkipTest('no CUDA device: the GPU checks did not run')
+    device_checks('cuda')
+
+
 # ----------------------------------------------------------------------------- runner
 if __name__ == '__main__':
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    passed = failed = 0
+    passed = failed = skipped = 0
     for name, fn in [(n, f) for n, f in list(globals().items()) if n.startswith('test_')]:
         t0 = time.time()
         try:
             fn()
             passed, msg = passed + 1, 'PASS'
+        except unittest.SkipTest as e:          # pytest also reports these as skipped
+            skipped, msg = skipped + 1, f'SKIP ({e})'
         except Exception:
             failed, msg = failed + 1, 'FAIL'
             traceback.print_exc()
         print(f'{msg} {name} ({time.time() - t0:.1f}s)', flush=True)
-    print(f'{passed} passed, {failed} failed')
+    print(f'{passed} passed, {failed} failed, {skipped} skipped')
     sys.exit(1 if failed else 0)

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -114,16 +115,27 @@ def parse_flags(argv):  # every dataclass field is a flag: --name value or --nam
     return given
 
 
-def make_configs(given, ckpt=None):  # defaults <- preset <- flags, or checkpoint's configs <- flags
+def choose_preset(given):  # -> (preset name, why it was chosen: the log's first line says)
+    if given.get('preset'):
+        return given['preset'], 'given by --preset'
+    if 'task' not in given:      # the quickstart: quick on every device, a GPU included
+        return 'copy_cpu', 'no --task or --preset: the quick copy run'
+    task = given['task']
+    cuda = torch.cuda.is_available() and given.get('device', 'auto') != 'cpu'
+    if cuda and task in PRESETS:
+        return task, f'--task {task} on a GPU: the paper setting; --preset {task}_cpu is small'
+    return f'{task}_cpu', f'--task {task} on a CPU: the small setting; --preset {task} is the paper'
+
+
+def make_configs(given, ckpt=None, path=''):  # defaults <- preset <- flags, or ckpt configs <- flags
     if ckpt is not None:
         mc, tc, preset = dict(ckpt['model_cfg']), dict(ckpt['train_cfg']), {}
         if given.get('arch', mc['arch']) != mc['arch']:
             die(f"the checkpoint holds an '{mc['arch']}' model, not '{given['arch']}': "
                 'drop --arch or use another checkpoint')
+        why = f'from {path}'
     else:
-        task = given.get('task', TrainConfig.task)
-        cuda = torch.cuda.is_available() and given.get('device', 'auto') != 'cpu'
-        name = given.get('preset') or (task if cuda and task in PRESETS else f'{task}_cpu')
+        name, why = choose_preset(given)
         if name not in PRESETS:
             die(f"unknown preset '{name}': use one of {', '.join(PRESETS)}")
         mc, tc, preset = {}, dict(preset=name, task=name.removesuffix('_cpu')), PRESETS[name]
@@ -148,7 +160,7 @@ def make_configs(given, ckpt=None):  # defaults <- preset <- flags, or checkpoin
             raise ValueError('LM streams need --bptt_depth >= 0 (segments per step - 1)')
     except (TypeError, ValueError) as e:
         die(str(e))
-    return mcfg, tcfg
+    return mcfg, tcfg, why
 
 
 def load_checkpoint(path, resume=False):
@@ -176,7 +188,7 @@ def main(argv):
     path = os.path.join(given.get('out_dir', TrainConfig.out_dir), 'ckpt.pt') if resume \
         else given.get('init_from', '')
     ckpt = load_checkpoint(path, resume) if path else None
-    mcfg, tcfg = make_configs(given, ckpt)
+    mcfg, tcfg, why = make_configs(given, ckpt, path)
     # ------------------------------------------------------------------------- DDP / device
     ddp, use_cuda = 'RANK' in os.environ, torch.cuda.is_available() and tcfg.device != 'cpu'
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
@@ -188,6 +200,8 @@ def main(argv):
     if ddp and cuda:
         torch.cuda.set_device(device)
     print0 = print if master else (lambda *args, **kwargs: None)   # rank 0 speaks for all
+    if tcfg.mode == 'train':
+        print0(f'preset {tcfg.preset} ({why})')
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # fp32 on GPU
     flags = '' if cuda or not os.path.exists('/proc/cpuinfo') else open('/proc/cpuinfo').read()
     fast = torch.cuda.is_bf16_supported() if cuda else 'amx_bf16' in flags or 'avx512_bf16' in flags
@@ -198,12 +212,15 @@ def main(argv):
     torch.manual_seed(tcfg.seed + rank)          # dropout differs per rank; init is broadcast
     # ------------------------------------------------------------------------- data
     algo = tcfg.task in data.ALGO_TASKS
+    # one step = grad_accum micro-steps of batch_size rows: this rank holds batch_size * grad_accum
+    # examples (or LM streams) per step and splits them in time-ordered chunks (Tr-XL batch_chunk)
+    rows = tcfg.batch_size * tcfg.grad_accum
     try:
         if algo:
             spec = data.task_spec(tcfg.task, tcfg.seq_len)
             splits = data.make_splits(tcfg.task, tcfg.seq_len, tcfg.seed)
             mcfg.vocab_size = spec['vocab_size']
-            loaders = {s: data.Examples(a, spec['ans_len'], tcfg.batch_size, rank, world, tcfg.seed)
+            loaders = {s: data.Examples(a, spec['ans_len'], rows, rank, world, tcfg.seed)
                        for s, a in splits.items()}
             checksums = {s: data.split_checksum(a) for s, a in splits.items()}
             print0('data:', ', '.join(f'{s} {len(splits[s])} ({c})' for s, c in checksums.items()))
@@ -216,7 +233,7 @@ def main(argv):
             mcfg.vocab_size, mcfg.cutoffs = corpus.vocab_size, tuple(corpus.cutoffs or ())
             checksums = {s: len(getattr(corpus, s)) for s in data.SPLITS}
             window = mcfg.seg_len * (mcfg.bptt_depth + 1)   # BPTT-k: k+1 segments per step
-            loaders = {s: data.Stream(getattr(corpus, s), tcfg.batch_size, window, rank, world)
+            loaders = {s: data.Stream(getattr(corpus, s), rows, window, rank, world)
                        for s in data.SPLITS}
     except data.DataError as e:
         die(str(e))
@@ -244,6 +261,8 @@ def main(argv):
         if 'lr' in given:                        # a new --lr wins over the checkpoint's
             optimizer.param_groups[0]['lr'], scheduler.base_lrs = tcfg.lr, [tcfg.lr]
         start, best_val, mine = ckpt['step'], ckpt['best_val'], ckpt['ranks'][rank]
+        if len(mine['memory']) != tcfg.grad_accum:
+            die(f"{path} was trained with --grad_accum {len(mine['memory'])}: resume with it")
         torch.set_rng_state(mine['rng'])
         if mine['cuda_rng'] is not None and cuda:
             torch.cuda.set_rng_state(mine['cuda_rng'])
@@ -286,22 +305,25 @@ def main(argv):
         raw.train()
         return res['loss'], ' | '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
                                        for k, v in res.items())
-    def get_batch(i):     # batch i (or the streams' next window) on the device, trained tokens
+    def get_batch(i):     # step i's rows (or the streams' next window) on the device, trained tokens
         x, y, w = loaders['train'].batch(i) if algo else (*loaders['train'].next(), None)
         n = y.numel() if w is None else int(w.sum())     # counted on the CPU: no device sync
         x, y, w = (t if t is None else (t.pin_memory() if cuda else t).to(device, non_blocking=True)
                    for t in (x, y, w))                   # pinned: the copy overlaps compute
         return x, y, w, n
     def train_step(it):   # grad_accum micro-steps, clip, step unless the gradient is not finite
-        n_tok = n_seen = 0
-        for micro in range(tcfg.grad_accum):
-            x, y, w, n = get_batch(it * tcfg.grad_accum + micro)
-            n_tok, n_seen = n_tok + n, n_seen + x.numel()
-            with model.no_sync() if ddp and micro < tcfg.grad_accum - 1 else torch.enable_grad():
+        x, y, w, n_tok = get_batch(it)
+        G, mean_loss = tcfg.grad_accum, 0.0
+        # micro-step m trains on rows m*B..(m+1)*B with the memory those rows left at the last step
+        for micro, (xm, ym, wm) in enumerate(zip(x.chunk(G), y.chunk(G),
+                                                 [None] * G if w is None else w.chunk(G))):
+            with model.no_sync() if ddp and micro < G - 1 else nullcontext():
                 with ctx:
-                    nll, states[micro] = model(x, None if algo else states[micro], y)
-                    loss = nll.float().mean() if w is None else (nll.float() * w).sum() / w.sum()
-                scaler.scale(loss / tcfg.grad_accum).backward()
+                    nll, states[micro] = model(xm, None if algo else states[micro], ym)
+                    loss = nll.float().mean() if wm is None else (nll.float() * wm).sum() / wm.sum()
+                # equal chunks: the mean of the chunks' means is the mean over the whole batch
+                scaler.scale(loss / G).backward()
+            mean_loss = mean_loss + loss.detach() / G
         scaler.unscale_(optimizer)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
         ok = scaler.is_enabled() or torch.isfinite(gnorm)   # fp16: the scaler skips overflows
@@ -309,7 +331,7 @@ def main(argv):
             scaler.step(optimizer)
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        return loss, gnorm, n_tok, n_seen, ok
+        return mean_loss, gnorm, n_tok, x.numel(), ok
     def mfu(tok_per_s, train):  # model FLOP/s of this process, and the fraction of the GPU's peak
         flops = raw.flops_per_token(train) * tok_per_s / 1e12          # TFLOP/s
         gpu = torch.cuda.get_device_name(device) if cuda else ''
@@ -396,7 +418,7 @@ def main(argv):
     if tcfg.mode != 'train':
         return
     # ------------------------------------------------------------------------- training loop
-    print0(f'preset {tcfg.preset} | task {tcfg.task} | arch {mcfg.arch} | '
+    print0(f'task {tcfg.task} | arch {mcfg.arch} | '
            f'{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params | world {world} | '
            f'device {device}')
     signals = []                                 # SIGINT/SIGTERM: checkpoint, then exit
@@ -409,9 +431,14 @@ def main(argv):
         if not ok:                               # the same on every rank: grads are reduced
             states, skipped = [None] * tcfg.grad_accum, skipped + 1
             if skipped > tcfg.skip_nonfinite:
-                die(f'non-finite loss or gradient at step {step}; the last good checkpoint is '
-                    f"{os.path.join(tcfg.out_dir, 'ckpt.pt')} (resume it with --resume, perhaps "
-                    'with a lower --lr, or allow --skip_nonfinite N)', code=1)
+                last = os.path.join(tcfg.out_dir, 'ckpt.pt')
+                if os.path.exists(last):
+                    fix = (f'the last good checkpoint is {last}: resume it with --resume, '
+                           'perhaps with a lower --lr, or allow --skip_nonfinite N')
+                else:
+                    fix = ('no checkpoint was written yet: start over with a lower --lr, '
+                           'or allow --skip_nonfinite N')
+                die(f'non-finite loss or gradient at step {step}; {fix}', code=1)
             continue
         if tcfg.schedule == 'cosine':
             scheduler.step()
