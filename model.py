@@ -164,7 +164,8 @@ class Block(nn.Module):
 class MemTransformer(nn.Module):
     """Decoder-only Transformer with relative positions and optional XL cache / memory tokens.
     forward(idx, state, targets) -> (log-probs (B, T, V) or per-token NLL (B, T), new state).
-    Deviation: the initial RMT memory is N(0, 1e-3^2) rows, not identical N(0, 1) ones (__init__)."""
+    Deviation: the initial RMT memory is N(0, 1e-3^2) rows, not identical N(0, 1) ones (see
+    __init__: zeros explode at depth, large rows leave the memory without content)."""
 
     def __init__(self, cfg):
         super().__init__()

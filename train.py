@@ -127,7 +127,7 @@ def choose_preset(given):  # -> (preset name, why it was chosen: the log's first
     return f'{task}_cpu', f'--task {task} on a CPU: the small setting; --preset {task} is the paper'
 
 
-def make_configs(given, ckpt=None, path=''):  # defaults <- preset <- flags, or ckpt configs <- flags
+def make_configs(given, ckpt=None, path=''):  # defaults <- preset <- flags, or ckpt's <- flags
     if ckpt is not None:
         mc, tc, preset = dict(ckpt['model_cfg']), dict(ckpt['train_cfg']), {}
         if given.get('arch', mc['arch']) != mc['arch']:
@@ -305,7 +305,7 @@ def main(argv):
         raw.train()
         return res['loss'], ' | '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
                                        for k, v in res.items())
-    def get_batch(i):     # step i's rows (or the streams' next window) on the device, trained tokens
+    def get_batch(i):     # step i's rows (or the streams' next window) on the device, tokens
         x, y, w = loaders['train'].batch(i) if algo else (*loaders['train'].next(), None)
         n = y.numel() if w is None else int(w.sum())     # counted on the CPU: no device sync
         x, y, w = (t if t is None else (t.pin_memory() if cuda else t).to(device, non_blocking=True)
