@@ -3,16 +3,20 @@ Memory state and its handling: the Transformer-XL cache, RMT memory tokens, and 
 with its BPTT detach points. Small pure functions; each docstring says where gradients stop.
 
 Shape legend: B batch, T segment tokens, M memory slots, P cached positions, C d_model.
-A state is `State(cache, mem)`: cache = list of L tensors (B, P, C) (layer inputs, Tr-XL) or None,
-mem = (B, M, C) (RMT memory) or None. It is passed into and returned from `forward`, never kept in
-module buffers (DDP would overwrite buffers with rank 0's copy).
+A state is `State(cache, mem, kept)`: cache = list of L tensors (B, P, C) (layer inputs, Tr-XL) or
+None, mem = (B, M, C) (RMT memory) or None, kept = list of L `Kept` (or None per layer), the keys,
+values and scores of the cache's states, computed once as each state entered (evaluation with
+TRAMS selection, trams.py), or None. It is passed into and returned from `forward`, never kept in
+module buffers (DDP would overwrite buffers with rank 0's copy), so a new stream starts empty.
 """
 from collections import namedtuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-State = namedtuple('State', 'cache mem')
+State = namedtuple('State', 'cache mem kept', defaults=(None,))
+# per layer, aligned with the cache: keys and values (B, H, P, D), scores (B, H, P)
+Kept = namedtuple('Kept', 'keys values scores')
 
 
 def read_write(x, mem, arch):
@@ -42,11 +46,20 @@ def update_cache(cache, hids, mem_len):
     return [h[:, -mem_len:].detach() for h in hids]                       # (B, min(P+T, mem), C)
 
 
+def update_kept(kept, mem_len):
+    """TRAMS: each layer returns the keys, values and scores of [pool | segment]; cut like the cache
+    to the last mem_len states, so that row j still belongs to cache state j. No gradient (eval)."""
+    if all(k is None for k in kept):
+        return None
+    return [k if k is None else Kept(*(t[:, :, -mem_len:] for t in k)) for k in kept]
+
+
 def to_device(state, device):
-    """A state (or the plain (cache, mem) tuple a checkpoint holds) moved to device."""
+    """A state (or the plain (cache, mem) tuple a checkpoint holds) moved to device. `kept` is
+    dropped: it exists only during evaluation, and attention recomputes it from the cache."""
     if state is None:
         return None
-    cache, mem = state
+    cache, mem = state[:2]
     return State(None if cache is None else [c.to(device) for c in cache],
                  None if mem is None else mem.to(device))
 
@@ -55,7 +68,7 @@ def detach(state):
     """Cut the gradient into earlier segments (a BPTT boundary)."""
     if state is None:
         return None
-    return State(state.cache, None if state.mem is None else state.mem.detach())
+    return state._replace(mem=None if state.mem is None else state.mem.detach())
 
 
 def run_segments(segment, x, state, targets, seg_len, bptt_depth, grad_checkpoint=False):

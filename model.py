@@ -117,9 +117,10 @@ class RelAttention(nn.Module):
     (q_i+v)·W_R r_{d(i,j)}] / sqrt(D); keys and values also cover the cache. The positional term
     and the mask enter `attention` as an additive bias."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer):
         super().__init__()
         self.H, self.D = cfg.n_head, cfg.d_head
+        self.layer = layer        # its index in the stack: TRAMS can select in some layers only
         self.q = nn.Linear(cfg.d_model, cfg.n_head * cfg.d_head, bias=False)
         self.kv = nn.Linear(cfg.d_model, 2 * cfg.n_head * cfg.d_head, bias=False)
         self.r = nn.Linear(cfg.d_model, cfg.n_head * cfg.d_head, bias=False)   # W_R
@@ -128,12 +129,14 @@ class RelAttention(nn.Module):
         self.dropatt = cfg.dropatt
         self.selection = None     # TRAMS: a trams.Selection, set for evaluation only (trams.attach)
 
-    def forward(self, h, cache, pos, u, v, mask):
+    def forward(self, h, cache, kept, pos, u, v, mask):
+        """h (B, S, C) with the layer's cache (B, P, C) or None -> output (B, S, C), and what
+        TRAMS keeps of [pool | segment] (memory.Kept; None without a selection)."""
         B, S, _ = h.shape
         q = self.q(h).view(B, S, self.H, self.D).transpose(1, 2)                  # (B, H, S, D)
         if self.selection is not None and cache is not None and not self.training:
-            y = self.selection.attend(self, q, h, cache, pos, u, v, mask)  # TRAMS: a subset
-            return self.drop(self.o(y.transpose(1, 2).reshape(B, S, -1)))        # (B, S, C)
+            y, kept = self.selection.attend(self, q, h, cache, kept, pos, u, v, mask)  # TRAMS
+            return self.drop(self.o(y.transpose(1, 2).reshape(B, S, -1))), kept  # (B, S, C)
         hk = h if cache is None else torch.cat([cache, h], 1)                    # (B, K, C)
         K = hk.size(1)
         k, val = self.kv(hk).view(B, K, 2, self.H, self.D).permute(2, 0, 3, 1, 4)  # (B, H, K, D)
@@ -141,24 +144,25 @@ class RelAttention(nn.Module):
         qv = (q + v[:, None]) / math.sqrt(self.D)             # scaled here: S rows, not S x K
         bd = rel_shift(qv @ r.transpose(1, 2), K)                                # (B, H, S, K)
         y = attention(q + u[:, None], k, val, bd, mask, self.dropatt if self.training else 0.0)
-        return self.drop(self.o(y.transpose(1, 2).reshape(B, S, -1)))            # (B, S, C)
+        return self.drop(self.o(y.transpose(1, 2).reshape(B, S, -1))), None      # (B, S, C)
 
 
 class Block(nn.Module):
     """Post-LN residual block of the papers: LN(h + attn(h)), then LN(h + FFN(h)), ReLU FFN."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer):
         super().__init__()
-        self.attn = RelAttention(cfg)
+        self.attn = RelAttention(cfg, layer)
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.ff = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_inner), nn.ReLU(),
                                 nn.Dropout(cfg.dropout), nn.Linear(cfg.d_inner, cfg.d_model),
                                 nn.Dropout(cfg.dropout))
         self.ln2 = nn.LayerNorm(cfg.d_model)
 
-    def forward(self, h, cache, pos, u, v, mask):
-        h = self.ln1(h + self.attn(h, cache, pos, u, v, mask))
-        return self.ln2(h + self.ff(h))
+    def forward(self, h, cache, kept, pos, u, v, mask):
+        y, kept = self.attn(h, cache, kept, pos, u, v, mask)
+        h = self.ln1(h + y)
+        return self.ln2(h + self.ff(h)), kept
 
 
 class MemTransformer(nn.Module):
@@ -177,7 +181,7 @@ class MemTransformer(nn.Module):
         self.v = nn.Parameter(torch.zeros(H, D))       # position bias, shared by all layers
         # RMT/MT: learned initial memory (M, C), filled in below
         self.mem_init = nn.Parameter(torch.zeros(cfg.n_mem_tokens, C)) if cfg.n_mem_tokens else None
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, l) for l in range(cfg.n_layer))
         if cfg.cutoffs:  # word-level LM: adaptive softmax (Grave et al. 2017), untied (README)
             self.asm = nn.AdaptiveLogSoftmaxWithLoss(C, cfg.vocab_size, list(cfg.cutoffs))
         else:            # output weights = tok_emb, plus a bias
@@ -214,7 +218,7 @@ class MemTransformer(nn.Module):
     def segment(self, idx, state=None, targets=None):
         """One segment: idx (B, T) with the state of the previous segment."""
         cfg = self.cfg
-        cache, mem = state if state is not None else (None, None)
+        cache, mem, kept = state if state is not None else (None, None, None)
         B, T = idx.shape
         x = self.drop(self.tok_emb(idx) * math.sqrt(cfg.d_model))                 # (B, T, C)
         if cfg.n_mem_tokens and (mem is None or cfg.arch == 'mt'):
@@ -227,14 +231,18 @@ class MemTransformer(nn.Module):
         if cfg.clamp_len > 0:
             pos = pos.clamp(-cfg.clamp_len, cfg.clamp_len)
         pos = self.drop(sinusoid(pos, cfg.d_model))                              # (R, C)
-        hids = []
+        hids, new_kept = [], []
         for l, block in enumerate(self.blocks):
             hids.append(h[:, n_read:n_read + T])   # XL caches token positions, never memory slots
-            h = block(h, None if cache is None else cache[l], pos, self.u, self.v, mask)
+            cache_l = None if cache is None else cache[l]
+            kept_l = None if kept is None else kept[l]
+            h, kept_l = block(h, cache_l, kept_l, pos, self.u, self.v, mask)
+            new_kept.append(kept_l)
         h = self.drop(h)
         cache = memory.update_cache(cache, hids, cfg.mem_len)
+        kept = memory.update_kept(new_kept, cfg.mem_len)
         mem = memory.write_memory(h, n_write)
-        new_state = None if cache is None and mem is None else memory.State(cache, mem)
+        new_state = None if cache is None and mem is None else memory.State(cache, mem, kept)
         out = h[:, n_read:n_read + T]                                            # (B, T, C)
         if targets is None:
             return self.log_probs(out), new_state                                # (B, T, V)

@@ -574,8 +574,26 @@ def test_trams_indices_sorted_recent_kept_per_head_and_pool_unchanged():
                 idx[..., -3:] == torch.arange(9, 12)).all(), how     # the recent block, always
             assert len({tuple(h.tolist()) for h in idx[0]}) > 1, how   # heads pick differently
         assert torch.equal(state.cache[1], torch.cat(inputs, 1)[:, -12:])  # FIFO of all inputs
-        fresh = trams.Selection(how, 3, 4, kv=type('NoKeep', (dict,), dict(get=lambda *a: None))())
-        assert torch.allclose(out, _run_trams(m, x, fresh)[0], atol=1e-5), how  # kept K/V = fresh
+
+
+def test_trams_kept_keys_equal_recomputed_and_streams_never_share_them():
+    """The fast path (each pool state's key, value and score kept in the state since it entered)
+    equals the reference path (all of [pool | segment] projected again) over 11 segments: a pool
+    of 12 that wraps around and is no multiple of the segment (5), every selector, both position
+    layouts. A Selection reused on a second stream equals a fresh one (random: its own RNG)."""
+    m = tiny('xl', mem_len=12, n_head=4).eval()
+    x, x2 = torch.randint(0, 12, (2, 2, 55)).unbind(0)
+    for how, true_pos in [(h, t) for h in trams.SELECTORS for t in (False, True)]:
+        outs = [_run_trams(m, x, trams.Selection(how, 3, 4, true_pos, keep=keep))
+                for keep in (True, False)]
+        assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5), (how, true_pos)
+        if how != 'none':
+            assert outs[0][1].kept is not None and outs[1][1].kept is None, how
+        if how != 'random':
+            sel = trams.Selection(how, 3, 4, true_pos)
+            _run_trams(m, x, sel)
+            assert torch.equal(_run_trams(m, x2, sel)[0],
+                               _run_trams(m, x2, trams.Selection(how, 3, 4, true_pos))[0]), how
 
 
 def test_trams_cheap_scores_explicit_and_oracle_keeps_most_attention_mass():

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 import data
+import memory
 from model import MemTransformer, ModelConfig, attention, rel_shift
 from train import die, load_checkpoint
 
@@ -23,36 +24,55 @@ SELECTORS = ('trams', 'trams_paper', 'oracle', 'random', 'none')
 def score_weights(w_q, H):
     """[Rᵀ | q1] (H, D, D+1) of W_Q: W_Q,hᵀ = Q R (QR, so ‖W_Q,hᵀ k‖ = ‖R k‖) and q1 = W_Q,h 1."""
     w = w_q.view(H, -1, w_q.size(1)).transpose(1, 2)                           # W_Q,hᵀ (H, C, D)
-    return torch.cat([torch.linalg.qr(w).R.transpose(1, 2), w.sum(1)[..., None]], -1)  # (H,D,D+1)
+    r_t = torch.linalg.qr(w).R.transpose(1, 2)                                 # Rᵀ (H, D, D)
+    return torch.cat([r_t, w.sum(1)[..., None]], -1)                           # (H, D, D+1)
 
 
-def trams_scores(w_q, k, paper=False, rq=None):
-    """TRAMS §3.2 scores of K' = W_Q,hᵀ k (C-dim) from k (B, H, N, D), never building K': ‖K'‖ =
-    ‖R k‖, ΣK' = q1·k (rq: score_weights(w_q)). Official code ‖K'‖·|ΣK'|; paper: ΣK'/sqrt(C)."""
-    rq = score_weights(w_q, k.size(1)) if rq is None else rq
-    kz = k.transpose(0, 1).flatten(1, 2) @ (rq[..., -1:] if paper else rq)   # (H, B N, D+1)
-    s = kz[..., -1] / math.sqrt(w_q.size(1)) if paper else \
-        torch.linalg.vector_norm(kz[..., :-1] * kz[..., -1:], dim=-1)          # ‖R k‖·|q1·k|
-    return s.view(k.size(1), k.size(0), -1).transpose(0, 1)                   # (B, H, N)
+def trams_scores(w_q, k, paper=False, weights=None):
+    """TRAMS scores (B, H, N) of keys k (B, H, N, D), from the reformulated key K' = W_Q,hᵀ k
+    (C-dim), never built: ‖K'‖ = ‖R k‖ and ΣK' = q1·k (weights: score_weights(w_q), cached).
+    Why K' predicts attention (TRAMS §2.2-2.4): the logit of a query token x (a LayerNorm output,
+    so ‖x‖ is about the same for every query) and key k is x·K' = ‖x‖‖K'‖cos⟨x, K'⟩, so a key gets
+    a high logit from most queries when ‖K'‖ is large and K' points where queries tend to point;
+    the paper stands in the all-ones direction for the unknown queries. Paper: cos⟨K', 1⟩‖K'‖ =
+    ΣK'/sqrt(C); the official code: ‖K'‖·|ΣK'|."""
+    H = k.size(1)
+    weights = score_weights(w_q, H) if weights is None else weights
+    if paper:
+        weights = weights[..., -1:]                                            # q1 only
+    proj = k.transpose(0, 1).flatten(1, 2) @ weights                         # (H, B*N, D+1)
+    if paper:
+        score = proj[..., -1] / math.sqrt(w_q.size(1))                         # ΣK'/sqrt(C)
+    else:
+        score = torch.linalg.vector_norm(proj[..., :-1], dim=-1) * proj[..., -1].abs()
+    return score.view(H, k.size(0), -1).transpose(0, 1)                       # (B, H, N)
 
 
-def probs(qu, k, bd, mask):
+def probs(q_u, k, bd, mask):
     """Attention probabilities (B, H, S, K) as `model.attention` forms them (bd already scaled)."""
-    logits = qu @ k.transpose(2, 3) / math.sqrt(k.size(3)) + bd                # (B, H, S, K)
+    logits = q_u @ k.transpose(2, 3) / math.sqrt(k.size(3)) + bd               # (B, H, S, K)
     return logits.masked_fill(~mask, float('-inf')).softmax(-1)
 
 
 def select(scores, n_topk, P):
     """Kept pool indices in time order: the n_topk best of the N oldest, then the P-N recent."""
-    old = scores.topk(n_topk, -1).indices.sort(-1).values                     # (B, H, K)
+    best = scores.topk(n_topk, -1).indices.sort(-1).values                    # (B, H, K)
     recent = torch.arange(scores.size(-1), P, device=scores.device)
-    return torch.cat([old, recent.expand(*old.shape[:2], -1)], -1)             # (B, H, n)
+    return torch.cat([best, recent.expand(*best.shape[:2], -1)], -1)           # (B, H, n)
 
 
-def positions(raw, S, idx=None):
-    """Positional scores (B, H, S, n+S) from raw = (q+v)·W_R r / sqrt(D). idx None: contiguous slots
-    (official code: selected states look closer); idx (B, H, n): true distances, column S-1-i+j."""
-    bd = rel_shift(raw, raw.size(-1) - S)                                      # (B, H, S, P+S)
+def gather(t, idx):
+    """Rows idx (B, H, n) of t (B, H, P, D) -> (B, H, n, D): one index_select on a flat view."""
+    B, H, P, D = t.shape
+    rows = idx + P * torch.arange(B * H, device=t.device).view(B, H, 1)        # (B, H, n)
+    return t.reshape(B * H * P, D).index_select(0, rows.view(-1)).view(B, H, -1, D)
+
+
+def positions(pos_scores, S, idx=None):
+    """Positional scores (B, H, S, n+S) from pos_scores = (q+v)·W_R r / sqrt(D) over every
+    distance. idx None: contiguous slots (official code: selected states look closer than they
+    are); idx (B, H, n): each kept pool state at its true distance."""
+    bd = rel_shift(pos_scores, pos_scores.size(-1) - S)                       # (B, H, S, P+S)
     if idx is None:
         return bd
     kept = bd[..., :-S].gather(-1, idx[:, :, None].expand(-1, -1, S, -1))     # (B, H, S, n)
@@ -61,69 +81,96 @@ def positions(raw, S, idx=None):
 
 @dataclass
 class Selection:
-    """What attention sees of the pool; `attach(model, sel)` for evaluation, never for training."""
+    """What attention sees of the pool; `attach(model, sel)` for evaluation, never for training.
+    Holds settings and statistics only: the kept keys, values and scores travel in the model's
+    state (memory.Kept), so a stream never sees another's, and reusing a Selection is safe."""
     mem_select: str = 'trams'      # trams (official code) | trams_paper | oracle | random | none
     select_recent: int = 150       # R: newest pool states, always kept
     select_topk: int = 50          # K: best older states kept (the paper's m = R + K)
     select_true_pos: bool = False  # selected states keep their true distances (default: compressed)
     select_layers: tuple = ()      # layers that select (paper Fig. 7); () = all
+    keep: bool = True              # reuse each state's key, value and score (False: recompute all)
     stats: bool = False            # sum the attention probability that lands on the memory
     mass: float = 0.0              # stats: attention probability on memory, summed over ...
     queries: int = 0               # ... this many (query, head, layer) triples
     picked: dict = field(default_factory=dict)  # layer -> kept pool indices (B, H, n), for --show
-    kv: dict = field(default_factory=dict)      # layer -> kept K/V, scores, pool end, score_weights
     gen: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))  # random
 
+    def method(self, layer):
+        if self.select_layers and layer not in self.select_layers:
+            return 'none'
+        return self.mem_select
+
+    def pool_keys(self, attn, h, cache, kept, method):
+        """memory.Kept of [pool | segment]: keys and values (B, H, P+S, D), scores (B, H, P+S).
+        keep: only the segment is projected, the pool's rows come from when its states entered
+        (the score is content only, fixed with the key); else all of [cache | h] is projected."""
+        B, H, D, P = h.size(0), attn.H, attn.D, cache.size(1)
+        if kept is not None and kept.keys.size(2) != P:
+            raise RuntimeError(f'{kept.keys.size(2)} kept keys for a pool of {P}: out of step')
+        reuse = self.keep and kept is not None
+        fresh = h if reuse else torch.cat([cache, h], 1)                     # (B, S or P+S, C)
+        keys, values = attn.kv(fresh).view(B, -1, 2, H, D).permute(2, 0, 3, 1, 4)  # (B, H, ., D)
+        if method in ('trams', 'trams_paper'):
+            scores = trams_scores(attn.q.weight, keys, method == 'trams_paper')   # (B, H, .)
+        else:
+            scores = keys.new_zeros(keys.shape[:3])                          # no content score
+        if reuse:
+            keys, values, scores = (torch.cat([old, new], 2) for old, new in zip(kept, (
+                keys, values, scores)))                                      # (B, H, P+S, .)
+        return memory.Kept(keys, values, scores)
+
     @torch.no_grad()
-    def attend(self, attn, q, h, cache, pos, u, v, mask):
-        """Attention over [selected | recent | current] of the pool (nothing to drop: plain XL)."""
+    def attend(self, attn, q, h, cache, kept, pos, u, v, mask):
+        """TRAMS attention of one layer: keys of [pool | segment], score the older pool states,
+        top-k, gather, attend over [K selected | R recent | segment]. Returns (B, H, S, D) and
+        what to keep of [pool | segment] (None when not keeping)."""
         (B, H, S, D), P, R, K = q.shape, cache.size(1), self.select_recent, self.select_topk
-        how = self.mem_select if attn.layer in (self.select_layers or [attn.layer]) else 'none'
-        on, old = how != 'none' and R + K < P, self.kv.get(attn.layer)
-        reuse = on and old is not None and old[2] >= P and old[0].size(2) >= 2 * (P + S)
-        x = h if reuse else torch.cat([cache, h], 1)
-        k, val = attn.kv(x).view(B, x.size(1), 2, H, D).permute(2, 0, 3, 1, 4)  # (B, H, ., D)
-        if on:  # a state's key, value and score: computed once, as it enters, then kept as rows
-            kv, sc, end, rq = old if reuse else (     # [k | v] and score rows; the pool ends at end
-                k.new_empty(B, H, 2 * (P + S), 2 * D), k.new_zeros(B, H, 2 * (P + S)), P,
-                score_weights(attn.q.weight, H))
-            if end + S > kv.size(2):   # full: the pool to the front (no overlap: end - P > P + S)
-                kv[:, :, :P], sc[..., :P], end = kv[:, :, end - P:end], sc[..., end - P:end], P
-            new = slice(end + S - x.size(1), end + S)      # rows of x's states, the segment last
-            kv[:, :, new, :D], kv[:, :, new, D:] = k, val
-            if how in ('trams', 'trams_paper'):              # content only: fixed with the key
-                sc[..., new] = trams_scores(attn.q.weight, k, how == 'trams_paper', rq)
-            self.kv[attn.layer] = kv, sc, end + S, rq
-        n = R + K if on else P
-        full = on and (self.select_true_pos or how == 'oracle')      # every distance needed
-        r = attn.r(pos if full else pos[P - n:]).view(-1, H, D).transpose(0, 1)  # (H, ., D)
-        raw = (q + v[:, None]) / math.sqrt(D) @ r.transpose(1, 2)  # (B, H, S, .), scaled as XL
-        if on:  # the pool is in every query's past: the mask keeps its columns P-n: as they are
-            if how == 'oracle':  # paper Fig. 1 upper bound: the attention mass each candidate gets
-                scores = probs(q + u[:, None], kv[:, :, end - P:end + S, :D], positions(raw, S),
-                               mask)[..., :P - R].sum(2)                        # (B, H, P-R)
-            elif how == 'random':
+        method = self.method(attn.layer)
+        dropping = method != 'none' and R + K < P     # else plain XL (the pool is still filling)
+        if not dropping:
+            method, kept = 'none', None
+        new = self.pool_keys(attn, h, cache, kept, method)
+        keys, values = new.keys, new.values                                  # (B, H, P+S, D)
+        n = R + K if dropping else P                                         # memory attended
+        all_dist = not dropping or self.select_true_pos or method == 'oracle'
+        r = attn.r(pos if all_dist else pos[P - n:]).view(-1, H, D).transpose(0, 1)  # (H, ., D)
+        pos_scores = (q + v[:, None]) / math.sqrt(D) @ r.transpose(1, 2)    # (B, H, S, .)
+        idx = None
+        if dropping:
+            # 1. score the P-R older pool states (the R newest are always kept)
+            if method == 'oracle':   # paper Fig. 1 upper bound: the attention each one receives
+                p = probs(q + u[:, None], keys, positions(pos_scores, S), mask)  # (B, H, S, P+S)
+                scores = p[..., :P - R].sum(2)                                 # (B, H, P-R)
+            elif method == 'random':
                 scores = torch.rand(B, H, P - R, generator=self.gen).to(q.device)
             else:
-                scores = sc[..., end - P:end - R]
-            idx = select(scores, K, P + S)         # (B, H, n+S): kept pool states, the segment
+                scores = new.scores[..., :P - R]                               # (B, H, P-R)
+            # 2. top-K, in time order, then the recent block and the segment: n+S kept keys
+            idx = select(scores, K, P + S)                                     # (B, H, n+S)
             self.picked[attn.layer] = idx[..., :n]
-            rows = idx + end - P + kv.size(2) * torch.arange(B * H, device=q.device).view(B, H, 1)
-            k, val = kv.view(-1, 2 * D).index_select(0, rows.view(-1)).view(
-                B, H, n + S, 2 * D).split(D, -1)                                # (B, H, n+S, D)
-            mask = mask[:, P - n:]
-            raw = raw[..., P - n:] if full and not self.select_true_pos else raw
-        bd = positions(raw, S, idx[..., :n] if on and self.select_true_pos else None)  # (., n+S)
+            # 3. gather their keys and values; the mask keeps its last n+S columns (the pool is
+            # in every query's past, so those columns are all True)
+            keys, values, mask = gather(keys, idx), gather(values, idx), mask[:, P - n:]
+            if all_dist and not self.select_true_pos:
+                pos_scores = pos_scores[..., P - n:]           # oracle: back to compressed slots
+        # 4. attend; positions: contiguous slots, or the kept states' true distances
+        true_idx = idx[..., :n] if dropping and self.select_true_pos else None
+        bd = positions(pos_scores, S, true_idx)                                # (B, H, S, n+S)
         if self.stats:  # attention probability on the n memory keys (an untimed pass)
-            p = probs(q + u[:, None], k, bd, mask)                               # (B, H, S, n+S)
+            p = probs(q + u[:, None], keys, bd, mask)                          # (B, H, S, n+S)
             self.mass, self.queries = self.mass + p[..., :n].sum(), self.queries + B * H * S
-        return attention(q + u[:, None], k, val, bd, mask)                        # (B, H, S, D)
+        y = attention(q + u[:, None], keys, values, bd, mask)                  # (B, H, S, D)
+        if self.keep and dropping:
+            return y, new
+        return y, None
 
 
 def attach(model, sel):
     """Route every layer's attention through `sel.attend` (sel = None: back to plain XL)."""
-    for l, block in enumerate(model.blocks):
-        block.attn.selection, block.attn.layer = sel, l
+    for block in model.blocks:
+        block.attn.selection = sel
+
 
 # ----------------------------------------------------------------------------- command line
 
