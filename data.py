@@ -1,6 +1,7 @@
-"""Data for all six tasks (SPEC §5). Algorithmic tasks are generated from a seed and served by
-`Examples`; language-modelling corpora are prepared once into flat token files and served by
-`Stream`, Transformer-XL's ordered iterator. `python data.py enwik8|wt103|text FILE` prepares one.
+"""Data for all six tasks of the RMT and TRAMS papers. Algorithmic tasks are generated from a
+seed and served by `Examples`; language-modelling corpora are prepared once into flat token files
+and served by `Stream`, Transformer-XL's ordered iterator. `python data.py enwik8|wt103|text FILE`
+prepares one.
 """
 import array
 import hashlib
@@ -66,7 +67,8 @@ def _poly(*coefs):
 
 
 def _sqeq_text(k, b, c):
-    """The six blocks for k * (x^2 + b*x + c) = 0, e.g. k=-4, b=-98, c=552 is SPEC §5's example."""
+    """The six blocks for k * (x^2 + b*x + c) = 0; k=-4, b=-98, c=552 gives -4*x^2+392*x-2208=0 |
+    x^2-98*x+552=0 | D=98^2-4*1*552=7396=86^2 | x=(98-86)/2=6 | x=(98+86)/2=92 | 6,92."""
     d = b * b - 4 * c
     disc = f'D={abs(b)}^2{"-" if c >= 0 else "+"}4*1*{abs(c)}={d}'
     if d < 0:  # no real roots: root steps and answer stay empty (all padding)
@@ -78,7 +80,8 @@ def _sqeq_text(k, b, c):
 
 
 def generate(task, n, seq_len, rng):
-    """n full sequences (n, L) int64 as SPEC §5; input = seq[:, :-1], target = seq[:, 1:]."""
+    """n full sequences (n, L) int64 in the formats of the RMT paper's experiments (README,
+    Tasks); input = seq[:, :-1], target = seq[:, 1:]."""
     spec = task_spec(task, seq_len)  # validates task and seq_len
     if task in ('copy', 'reverse'):  # X ++ [1] ++ X ++ X  or  X ++ [1] ++ reversed(X)
         x = rng.integers(2, spec['vocab_size'], (n, seq_len))
@@ -156,6 +159,12 @@ class Examples:
         start = (j * self.world + self.rank) * self.B
         return self._xyw(self.seqs[self._perm[start:start + self.B]])
 
+    def state_dict(self):  # nothing to keep: batches are indexed by the step
+        return {}
+
+    def load_state_dict(self, d):
+        pass
+
     def eval_batches(self, batch_size, max_examples=None):
         """This rank's share (rows rank::world of the first max_examples) in order."""
         mine = self.seqs[:max_examples][self.rank::self.world]
@@ -182,7 +191,7 @@ def answer_metrics(model, x, y, w, ans_len, score_len):
 ENWIK8_URL = 'http://mattmahoney.net/dc/enwik8.zip'
 ENWIK8_SIZE = 100_000_000  # bytes of the unzipped file (tests patch it for a small fake)
 WT103_URL = 'https://wikitext.smerity.com/wikitext-103-v1.zip'  # the env var WT103_URL overrides
-WT103_CUTOFFS = [20000, 40000, 200000]  # adaptive softmax clusters (SPEC §2)
+WT103_CUTOFFS = [20000, 40000, 200000]  # adaptive softmax clusters of Transformer-XL on wt103
 SPLITS = ('train', 'val', 'test')
 
 

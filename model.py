@@ -68,7 +68,16 @@ class ModelConfig:
 
 def build_mask(P, n_read, T, n_write, device=None):
     """Boolean (S, K) mask, True = may attend, for keys [cache P | read | tokens T | write] and
-    queries [read | tokens | write] (SPEC §3 picture). Built once per forward, shared by layers."""
+    queries [read | tokens | write]. Built once per forward, shared by layers. For P=2, 2 read
+    slots, T=3, 2 write slots (rows = queries, columns = keys c c r r t t t w w):
+        read   1 1 1 1 0 0 0 0 0    read memory: each other (and the cache, in xl_rmt)
+        read   1 1 1 1 0 0 0 0 0
+        token  1 1 1 1 1 0 0 0 0    tokens: cache, read memory, earlier tokens, itself;
+        token  1 1 1 1 1 1 0 0 0      never the write memory
+        token  1 1 1 1 1 1 1 0 0
+        write  1 1 1 1 1 1 1 1 1    write memory: everything
+        write  1 1 1 1 1 1 1 1 1
+    MT has no write rows; XL and the baseline have no memory rows: plain causal."""
     S = n_read + T + n_write
     q = torch.arange(S, device=device)[:, None] + P
     k = torch.arange(P + S, device=device)[None, :]
@@ -88,8 +97,12 @@ def sinusoid(pos, C):
 def rel_shift(x, K):
     """Positional scores over distances K-1 ... -S (descending) to scores at the true signed
     distance d(i, j) = (K-S) + i - j of query i and key j: out[i, j] = x[i, S-1-i+j].
-    Pure views (Tr-XL's shift trick); valid because the table holds every distance, negative ones
-    included (the original's table stops at 0, which leaves garbage where d < 0)."""
+    Example, S=2 queries, K=3 keys (one cached): the columns of x hold distances 2 1 0 -1 -2;
+    query 0 (position 1) needs distances 1 0 -1 to keys 0 1 2, columns 1..3 of its row; query 1
+    needs 2 1 0, columns 0..2. Flattening (S, R) and re-viewing it with rows one shorter shifts
+    row i left by S-1-i: that is the whole trick. Pure views (Tr-XL's shift trick); valid because
+    the table holds every distance, negative ones included (the original's table stops at 0,
+    which leaves garbage where d < 0)."""
     B, H, S, R = x.shape                                                       # R = K+S
     x = x.reshape(B, H, S * R)[..., S - 1:S - 1 + S * (R - 1)]
     return x.view(B, H, S, R - 1)[..., :K]                                     # (B, H, S, K)
@@ -227,6 +240,8 @@ class MemTransformer(nn.Module):
         P = 0 if cache is None else cache[0].size(1)
         S = h.size(1)
         mask = build_mask(P, n_read, T, n_write, idx.device)                     # (S, K)
+        # every distance a query can have to a key, descending: P+S-1 (the oldest cached state
+        # seen from the last slot) down to -S (bidirectional memory: keys after the query)
         pos = torch.arange(P + S - 1, -S - 1, -1, device=idx.device)             # (R,)
         if cfg.clamp_len > 0:
             pos = pos.clamp(-cfg.clamp_len, cfg.clamp_len)
@@ -274,6 +289,20 @@ class MemTransformer(nn.Module):
         K, C = cfg.mem_len + S, cfg.d_model
         layer = C * HD * (2 * S + 2 * K) + HD * S * (3 * K + S) + 2 * S * C * cfg.d_inner
         return 2 * (3 if train else 1) * (cfg.n_layer * layer / T + C * cfg.vocab_size)
+
+    def mfu(self, tok_per_s, train, dtype):
+        """'X TFLOP/s' of model arithmetic at tok_per_s, and on a known GPU (A100, H100, H200)
+        the fraction of its dense bf16 peak (TF32: half) that this is: the MFU."""
+        flops = self.flops_per_token(train) * tok_per_s / 1e12                  # TFLOP/s
+        gpu = ''
+        if self.tok_emb.weight.is_cuda:
+            gpu = torch.cuda.get_device_name(self.tok_emb.weight.device)
+        peak = next((v for k, v in {'H100': 989, 'H200': 989, 'A100': 312}.items() if k in gpu), 0)
+        if dtype == torch.float32:
+            peak /= 2
+        if not peak:
+            return f'{flops:.3f} TFLOP/s'
+        return f'{flops:.1f} TFLOP/s | mfu {flops / peak:.1%}'
 
     def log_probs(self, h):
         """Log-probabilities (B, T, V): tied output layer with bias, or the adaptive softmax."""

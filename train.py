@@ -4,6 +4,7 @@ on a CPU, one GPU or many GPUs; flags override the task's preset. No flags: RMT 
   python train.py --mode bench --task enwik8 --preset enwik8 --batch_size 8   # speed, one line
 """
 import ctypes
+import functools
 import math
 import os
 import signal
@@ -26,7 +27,7 @@ from model import MemTransformer, ModelConfig
 @dataclass
 class TrainConfig:
     task: str = 'copy'         # copy | reverse | retrieval | sqeq | enwik8 | wt103 | text
-    preset: str = ''           # a PRESETS key; '' = '<task>_cpu' on a CPU, '<task>' on a GPU
+    preset: str = ''           # a PRESETS key; '': copy_cpu, or with --task X: X on a GPU, X_cpu
     mode: str = 'train'        # train | eval | sample | bench (timed steps, one result line)
     seq_len: int = 24          # copy, reverse: source length S (paper: 24, 40, 120, 240, 360)
     data_dir: str = 'data'     # where enwik8 / wt103 / text splits are prepared
@@ -36,7 +37,6 @@ class TrainConfig:
     lr: float = 1e-3           # Adam learning rate
     schedule: str = 'plateau'  # plateau: constant, halved when val loss stalls | cosine: warm-up
     warmup_iters: int = 0      # cosine: linear warm-up steps
-    patience: int = 4          # plateau: evaluations without improvement before halving the lr
     grad_clip: float = 0.25    # max gradient norm (0 = off)
     max_iters: int = 4000      # optimizer steps
     eval_interval: int = 500   # steps between validations (and checkpoints)
@@ -58,7 +58,8 @@ class TrainConfig:
     prompt: str = '\n'         # sample: text to continue
 
 
-# the papers' settings (SPEC §6, GPU-days), small ones that learn on 2 CPU cores in minutes ('_cpu')
+# the settings of the RMT and Transformer-XL papers (GPU-days), and small ones that learn on 2
+# CPU cores in minutes ('_cpu')
 PAPER = dict(n_layer=4, d_model=128, n_head=4, d_head=64, d_inner=256, dropout=0.1, lr=1e-4,
              batch_size=32, max_iters=250_000, eval_interval=5000, eval_examples=0)
 NARROW = dict(d_model=64, d_head=32, d_inner=128)                     # retrieval
@@ -165,8 +166,9 @@ def make_configs(given, ckpt=None, path=''):  # defaults <- preset <- flags, or 
 
 def load_checkpoint(path, resume=False):
     if not os.path.isfile(path):
-        die(f'no checkpoint to resume at {path}: start without --resume or fix --out_dir'
-            if resume else f'no checkpoint at {path}: train first, or pass --init_from PATH')
+        if resume:
+            die(f'no checkpoint to resume at {path}: start without --resume or fix --out_dir')
+        die(f'no checkpoint at {path}: train first, or pass --init_from PATH')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
@@ -178,294 +180,418 @@ def load_checkpoint(path, resume=False):
     return ckpt
 
 
+# ----------------------------------------------------------------------------- DDP / device
+@dataclass
+class Env:
+    """Where and how this process runs."""
+    device: str                # 'cpu', 'cuda' or 'cuda:N'
+    rank: int                  # this process among world (torchrun's RANK; 0 alone)
+    world: int
+    ddp: bool                  # started by torchrun: gradients and metrics are reduced
+    dtype: torch.dtype         # autocast dtype; weights and Adam stay float32
+    autocast: object           # the autocast context of every forward pass
+    scaler: torch.amp.GradScaler   # float16 only: scales the loss against underflow
+    master: bool               # rank 0: prints and writes checkpoints
+    cuda: bool
+
+    def print(self, *args, **kwargs):  # rank 0 speaks for all
+        if self.master:
+            print(*args, **kwargs)
+
+
+def setup(tcfg):
+    ddp = 'RANK' in os.environ
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    gpu = torch.cuda.is_available() and tcfg.device != 'cpu'
+    device = tcfg.device
+    if device == 'auto':
+        device = 'cuda' if gpu else 'cpu'
+    if ddp and gpu:                              # torchrun: one process per GPU ...
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+        dist.init_process_group('nccl')
+    elif ddp:                                    # ... or per share of the CPU
+        device = 'cpu'
+        dist.init_process_group('gloo')
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # fp32 on GPU
+    # --dtype auto: bf16 on CUDA with bf16, or on a CPU with AMX or AVX512-BF16, else float32
+    name, fast = tcfg.dtype, False
+    if name == 'auto' and device.startswith('cuda'):
+        fast = torch.cuda.is_bf16_supported()
+    elif name == 'auto' and os.path.exists('/proc/cpuinfo'):
+        fast = any(f in open('/proc/cpuinfo').read() for f in ('amx_bf16', 'avx512_bf16'))
+    if name == 'auto':
+        name = 'bfloat16' if fast else 'float32'
+    dtype, kind = getattr(torch, name), device.split(':')[0]
+    torch.manual_seed(tcfg.seed + rank)          # dropout differs per rank; init is broadcast
+    return Env(device, rank, world, ddp, dtype,
+               autocast=torch.autocast(kind, dtype, enabled=dtype != torch.float32),
+               scaler=torch.amp.GradScaler(kind, enabled=dtype == torch.float16),
+               master=rank == 0, cuda=device.startswith('cuda'))
+
+
+def reduce(vals, env):  # sum over ranks: sums, never means of means
+    t = torch.tensor(vals, dtype=torch.float64, device=env.device)
+    if env.ddp:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class Data:
+    loaders: dict              # 'train', 'val', 'test' -> data.Examples or data.Stream
+    checksums: dict            # per split: checked when a run resumes
+    spec: dict = None          # algorithmic tasks: vocab_size, ans_len, score_len
+    corpus: data.Corpus = None  # language modelling: tokens and vocabulary
+
+
+def load_data(tcfg, mcfg, env):
+    """The task's splits for this rank; sets the model's vocabulary from them. One step holds
+    batch_size * grad_accum examples (or LM streams) per rank, split into grad_accum chunks in
+    train_step (Transformer-XL's batch_chunk)."""
+    rows = tcfg.batch_size * tcfg.grad_accum
+    try:
+        if tcfg.task in data.ALGO_TASKS:
+            spec = data.task_spec(tcfg.task, tcfg.seq_len)
+            splits = data.make_splits(tcfg.task, tcfg.seq_len, tcfg.seed)
+            mcfg.vocab_size = spec['vocab_size']
+            loaders = {s: data.Examples(a, spec['ans_len'], rows, env.rank, env.world, tcfg.seed)
+                       for s, a in splits.items()}
+            checksums = {s: data.split_checksum(a) for s, a in splits.items()}
+            env.print('data:', ', '.join(f'{s} {len(splits[s])} ({c})'
+                                         for s, c in checksums.items()))
+            return Data(loaders, checksums, spec=spec)
+        if env.ddp and not env.master:
+            dist.barrier()                       # rank 0 prepares the files, the others wait
+        corpus = data.load_corpus(tcfg.task, tcfg.data_dir, tcfg.data_path or None)
+        if env.ddp and env.master:
+            dist.barrier()
+        mcfg.vocab_size, mcfg.cutoffs = corpus.vocab_size, tuple(corpus.cutoffs or ())
+        window = mcfg.seg_len * (mcfg.bptt_depth + 1)   # BPTT-k: k+1 segments per step
+        loaders = {s: data.Stream(getattr(corpus, s), rows, window, env.rank, env.world)
+                   for s in data.SPLITS}
+    except data.DataError as e:
+        die(str(e))
+    return Data(loaders, {s: len(getattr(corpus, s)) for s in data.SPLITS}, corpus=corpus)
+
+
+def get_batch(dat, step, env):
+    """Step's rows x, y and answer weights w (LM: the streams' next window, w None) on the
+    device, and the trained tokens, counted on the CPU: no device sync."""
+    if dat.spec is None:
+        x, y = dat.loaders['train'].next()
+        return to_device(x, env), to_device(y, env), None, y.numel()
+    x, y, w = dat.loaders['train'].batch(step)
+    return to_device(x, env), to_device(y, env), to_device(w, env), int(w.sum())
+
+
+def to_device(t, env):  # pinned on CUDA: the copy overlaps compute
+    if env.cuda:
+        t = t.pin_memory()
+    return t.to(env.device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------- model, optimizer
+def cosine(step, warmup_iters, max_iters):  # lr factor: linear warm-up, then cosine to 0
+    if step < warmup_iters:
+        return (step + 1) / warmup_iters
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, step / max_iters)))
+
+
+def make_optimizer(model, tcfg, env):
+    optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr, fused=env.cuda)
+    if tcfg.schedule == 'plateau':               # halve the lr when val loss stalls
+        scheduler = ReduceLROnPlateau(optimizer, factor=0.5, patience=4)   # 4 evaluations
+    else:
+        scheduler = LambdaLR(optimizer, functools.partial(
+            cosine, warmup_iters=tcfg.warmup_iters, max_iters=tcfg.max_iters))
+    return optimizer, scheduler
+
+
+def restore(ckpt, path, given, model, optimizer, scheduler, dat, tcfg, env):
+    """Training state of a checkpoint, for this rank -> (step, best val loss, LM memory)."""
+    if len(ckpt['ranks']) != env.world:
+        die(f"{path} was written by {len(ckpt['ranks'])} processes: resume with as many")
+    if ckpt['data'] != dat.checksums:
+        die(f'the data differ from those {path} was trained on: restore them')
+    mine = ckpt['ranks'][env.rank]
+    if len(mine['memory']) != tcfg.grad_accum:
+        die(f"{path} was trained with --grad_accum {len(mine['memory'])}: resume with it")
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scheduler.load_state_dict(ckpt['scheduler'])
+    if 'lr' in given:                            # a new --lr wins over the checkpoint's
+        optimizer.param_groups[0]['lr'], scheduler.base_lrs = tcfg.lr, [tcfg.lr]
+    torch.set_rng_state(mine['rng'])
+    if env.cuda and mine['cuda_rng'] is not None:
+        torch.cuda.set_rng_state(mine['cuda_rng'])
+    dat.loaders['train'].load_state_dict(ckpt['loader'])
+    return ckpt['step'], ckpt['best_val'], [memory.to_device(s, env.device) for s in mine['memory']]
+
+
+def save_checkpoint(name, step, best_val, states, model, optimizer, scheduler, mcfg, tcfg, dat,
+                    env):
+    """All it takes to continue exactly. Every rank sends its RNG and memory, rank 0 writes:
+    temp file, fsync, rename, so a crash never leaves a torn checkpoint."""
+    mine = dict(rng=torch.get_rng_state(), cuda_rng=None, memory=[])
+    if env.cuda:
+        mine['cuda_rng'] = torch.cuda.get_rng_state()
+    for s in states:                             # plain tuples: weights_only reads no namedtuple
+        mine['memory'].append(None if s is None else tuple(memory.to_device(s, 'cpu')))
+    ranks = [mine] * env.world
+    if env.ddp:
+        dist.all_gather_object(ranks, mine)
+    if not env.master:
+        return
+    dest = os.path.join(tcfg.out_dir, name)
+    tmp = f'{dest}.tmp{os.getpid()}'
+    try:
+        os.makedirs(tcfg.out_dir, exist_ok=True)
+        with open(tmp, 'wb') as f:
+            torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(), model_cfg=asdict(mcfg),
+                            train_cfg=asdict(tcfg), step=step, best_val=best_val, ranks=ranks,
+                            data=dat.checksums, loader=dat.loaders['train'].state_dict()), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except (OSError, RuntimeError) as e:         # torch.save reports a full disk as RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        die(f'could not write {dest} ({type(e).__name__}: {str(e).splitlines()[0][:80]}): '
+            'free disk space or change --out_dir; the previous checkpoint is intact')
+
+
+# ----------------------------------------------------------------------------- train, evaluate
+def train_step(ddp_model, optimizer, states, batch, tcfg, env):
+    """One optimizer step: grad_accum micro-steps, clip, update unless the gradient is not finite.
+    Micro-step m trains rows m*B..(m+1)*B with the memory those rows left at the last step."""
+    x, y, w = batch
+    G, mean_loss = tcfg.grad_accum, 0.0
+    weights = [None] * G if w is None else w.chunk(G)
+    for micro, (xm, ym, wm) in enumerate(zip(x.chunk(G), y.chunk(G), weights)):
+        # DDP: reduce the gradients once, after the last micro-step's backward
+        sync = nullcontext()
+        if env.ddp and micro < G - 1:
+            sync = ddp_model.no_sync()
+        with sync:
+            with env.autocast:
+                if w is None:                    # LM: the memory carried from the last step
+                    nll, states[micro] = ddp_model(xm, states[micro], ym)
+                    loss = nll.float().mean()
+                else:                            # algorithmic: each example from scratch
+                    nll, _ = ddp_model(xm, None, ym)
+                    loss = (nll.float() * wm).sum() / wm.sum()
+            # equal chunks: the mean of the chunks' means is the mean over the whole batch
+            env.scaler.scale(loss / G).backward()
+        mean_loss = mean_loss + loss.detach() / G
+    env.scaler.unscale_(optimizer)
+    gnorm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), tcfg.grad_clip or math.inf)
+    # fp16: the scaler itself skips steps that overflow
+    ok = env.scaler.is_enabled() or bool(torch.isfinite(gnorm))
+    if ok:
+        env.scaler.step(optimizer)
+        env.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return mean_loss, gnorm, ok
+
+
+def evaluate(model, split, dat, tcfg, env):
+    """-> (loss, a line of metrics): algorithmic tasks teacher-forced and free-running accuracy,
+    exact match; LM bpc (or perplexity for wt103), every scored token summed over the ranks."""
+    model.eval()
+    with torch.no_grad(), env.autocast:          # one autocast region: weights cast once
+        if dat.spec is not None:
+            sums, size = [0.0] * 6, 4 * tcfg.batch_size
+            for x, y, w in dat.loaders[split].eval_batches(size, tcfg.eval_examples or None):
+                batch = data.answer_metrics(model, x.to(env.device), y.to(env.device),
+                                            w.to(env.device), dat.spec['ans_len'],
+                                            dat.spec['score_len'])
+                sums = [a + b for a, b in zip(sums, batch)]
+            nll, n, n_ans, tf, fr, em = reduce(sums, env)
+            n_ex = n_ans / dat.spec['score_len']
+            res = dict(loss=nll / n, acc_tf=tf / n_ans, acc_free=fr / n_ans, exact=em / n_ex,
+                       n=int(n_ex))
+        else:                                    # memory carried through each rank's streams
+            state, nll, n = None, 0.0, 0
+            for x, y in dat.loaders[split].eval_windows(model.cfg.seg_len,
+                                                        tcfg.eval_tokens or None):
+                out, state = model(x.to(env.device), state, y.to(env.device))
+                nll, n = nll + out.sum().item(), n + out.numel()
+            nll, n = reduce([nll, n], env)
+            res = dict(loss=nll / n, n=int(n))
+            if tcfg.task == 'wt103':
+                res['ppl'] = math.exp(nll / n)
+            else:
+                res['bpc'] = nll / n / math.log(2)
+    model.train()
+    line = ' | '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
+                      for k, v in res.items())
+    return res['loss'], line
+
+
+# ----------------------------------------------------------------------------- bench, sample
+def memory_bytes(env, peak=False):  # in use now (and a new peak starts), or the peak since
+    if env.cuda:
+        if peak:
+            return torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:
+        if not peak:
+            ctypes.CDLL('libc.so.6').malloc_trim(0)          # freed heap back to the OS
+            open('/proc/self/clear_refs', 'w').write('5')   # reset the high-water mark
+        status = open('/proc/self/status').read()
+        field = 'VmHWM:' if peak else 'VmRSS:'
+        return int(status.split(field)[1].split()[0]) * 1024
+    except (OSError, IndexError):
+        return 0
+
+
+def bench(model, ddp_model, optimizer, states, dat, tcfg, env):
+    """3 warm-up steps, bench_iters timed training steps, as many timed evaluation steps; prints
+    one line that scripts parse."""
+    sync = torch.cuda.synchronize if env.cuda else (lambda: None)
+    tok = seen = 0
+    for step in range(3 + tcfg.bench_iters):
+        if step == 3:                            # after 3 warm-up steps: the clock starts
+            sync()
+            base, t0, tok, seen = memory_bytes(env), time.time(), 0, 0
+        *batch, n = get_batch(dat, step, env)
+        train_step(ddp_model, optimizer, states, batch, tcfg, env)
+        tok, seen = tok + n, seen + batch[0].numel()
+    sync()
+    dt_train, peak = time.time() - t0, memory_bytes(env, peak=True) - base
+    model.eval()
+    with torch.no_grad(), env.autocast:
+        x, y, _, _ = get_batch(dat, 0, env)
+        _, state = model(x, None, y)             # warm-up (casts, kernels)
+        sync()
+        t0, n_eval, seen_eval = time.time(), 0, 0
+        for step in range(1, tcfg.bench_iters + 1):
+            x, y, w, n = get_batch(dat, step, env)
+            if w is not None:
+                state = None                     # algorithmic examples start from scratch
+            _, state = model(x, state, y)
+            n_eval, seen_eval = n_eval + n, seen_eval + x.numel()
+        sync()
+        dt_eval = time.time() - t0
+    mode = 'compiled' if tcfg.compile else 'eager'
+    env.print(f'model: {model.mfu(seen / dt_train, True, env.dtype)} training, '
+              f'{model.mfu(seen_eval / dt_eval, False, env.dtype)} evaluation '
+              f'(dtype {str(env.dtype)[6:]}, {mode})')
+    env.print(f'bench: train {tok * env.world / dt_train:.0f} tok/s, eval '
+              f'{n_eval * env.world / dt_eval:.0f} tok/s, peak {peak / 2**20:.0f} MB, '
+              f'step {1000 * dt_train / tcfg.bench_iters:.0f} ms')
+
+
+# ----------------------------------------------------------------------------- main
 def main(argv):
     if '--help' in argv or '-h' in argv:
         for c in (ModelConfig, TrainConfig):
             print(' '.join(f'--{f.name} {f.default!r}' for f in fields(c)))
         return
+    # config: defaults <- preset <- flags, or a checkpoint's configs <- flags
     given = parse_flags(argv)
     resume = given.get('resume', False)
-    path = os.path.join(given.get('out_dir', TrainConfig.out_dir), 'ckpt.pt') if resume \
-        else given.get('init_from', '')
+    path = given.get('init_from', '')
+    if resume:
+        path = os.path.join(given.get('out_dir', TrainConfig.out_dir), 'ckpt.pt')
     ckpt = load_checkpoint(path, resume) if path else None
     mcfg, tcfg, why = make_configs(given, ckpt, path)
-    # ------------------------------------------------------------------------- DDP / device
-    ddp, use_cuda = 'RANK' in os.environ, torch.cuda.is_available() and tcfg.device != 'cpu'
-    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-    device = tcfg.device if tcfg.device != 'auto' else 'cuda' if use_cuda else 'cpu'
-    if ddp:                                      # torchrun: one process per GPU (or CPU share)
-        dist.init_process_group('nccl' if use_cuda else 'gloo')
-        device = f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else 'cpu'
-    master, cuda = rank == 0, device.startswith('cuda')
-    if ddp and cuda:
-        torch.cuda.set_device(device)
-    print0 = print if master else (lambda *args, **kwargs: None)   # rank 0 speaks for all
+    env = setup(tcfg)
     if tcfg.mode == 'train':
-        print0(f'preset {tcfg.preset} ({why})')
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # fp32 on GPU
-    flags = '' if cuda or not os.path.exists('/proc/cpuinfo') else open('/proc/cpuinfo').read()
-    fast = torch.cuda.is_bf16_supported() if cuda else 'amx_bf16' in flags or 'avx512_bf16' in flags
-    auto = 'bfloat16' if fast else 'float32'     # bf16 on CUDA, or on a CPU with AMX or AVX512-BF16
-    dtype = getattr(torch, auto if tcfg.dtype == 'auto' else tcfg.dtype)   # autocast; weights fp32
-    ctx = torch.autocast(device.split(':')[0], dtype, enabled=dtype != torch.float32)
-    scaler = torch.amp.GradScaler(device.split(':')[0], enabled=dtype == torch.float16)
-    torch.manual_seed(tcfg.seed + rank)          # dropout differs per rank; init is broadcast
-    # ------------------------------------------------------------------------- data
-    algo = tcfg.task in data.ALGO_TASKS
-    # one step = grad_accum micro-steps of batch_size rows: this rank holds batch_size * grad_accum
-    # examples (or LM streams) per step and splits them in time-ordered chunks (Tr-XL batch_chunk)
-    rows = tcfg.batch_size * tcfg.grad_accum
-    try:
-        if algo:
-            spec = data.task_spec(tcfg.task, tcfg.seq_len)
-            splits = data.make_splits(tcfg.task, tcfg.seq_len, tcfg.seed)
-            mcfg.vocab_size = spec['vocab_size']
-            loaders = {s: data.Examples(a, spec['ans_len'], rows, rank, world, tcfg.seed)
-                       for s, a in splits.items()}
-            checksums = {s: data.split_checksum(a) for s, a in splits.items()}
-            print0('data:', ', '.join(f'{s} {len(splits[s])} ({c})' for s, c in checksums.items()))
-        else:
-            if ddp and not master:
-                dist.barrier()                   # rank 0 prepares the files, the others wait
-            corpus = data.load_corpus(tcfg.task, tcfg.data_dir, tcfg.data_path or None)
-            if ddp and master:
-                dist.barrier()
-            mcfg.vocab_size, mcfg.cutoffs = corpus.vocab_size, tuple(corpus.cutoffs or ())
-            checksums = {s: len(getattr(corpus, s)) for s in data.SPLITS}
-            window = mcfg.seg_len * (mcfg.bptt_depth + 1)   # BPTT-k: k+1 segments per step
-            loaders = {s: data.Stream(getattr(corpus, s), rows, window, rank, world)
-                       for s in data.SPLITS}
-    except data.DataError as e:
-        die(str(e))
-    # ------------------------------------------------------------------------- model / optimizer
-    model = raw = MemTransformer(mcfg).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr, fused=cuda)
-    scheduler = ReduceLROnPlateau(optimizer, factor=0.5, patience=tcfg.patience) \
-        if tcfg.schedule == 'plateau' else LambdaLR(optimizer, lambda i: (  # cosine: warm-up,
-            (i + 1) / tcfg.warmup_iters if i < tcfg.warmup_iters   # then decay to 0 at max_iters
-            else 0.5 * (1 + math.cos(math.pi * min(1.0, i / tcfg.max_iters)))))
-    start, best_val, states = 0, float('inf'), [None] * tcfg.grad_accum   # states: LM memory
+        env.print(f'preset {tcfg.preset} ({why})')
+    dat = load_data(tcfg, mcfg, env)
+    model = MemTransformer(mcfg).to(env.device)
+    optimizer, scheduler = make_optimizer(model, tcfg, env)
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt['model'])
         except RuntimeError:
             die(f'{path} does not fit this model (other size or vocabulary): '
                 'give the matching flags or another checkpoint')
+    # LM: each micro-step's streams carry their memory from step to step
+    start, best_val, states = 0, float('inf'), [None] * tcfg.grad_accum
     if resume:
-        if len(ckpt['ranks']) != world:
-            die(f"{path} was written by {len(ckpt['ranks'])} processes: resume with as many")
-        if ckpt['data'] != checksums:
-            die(f'the data differ from those {path} was trained on: restore them')
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scheduler.load_state_dict(ckpt['scheduler'])
-        if 'lr' in given:                        # a new --lr wins over the checkpoint's
-            optimizer.param_groups[0]['lr'], scheduler.base_lrs = tcfg.lr, [tcfg.lr]
-        start, best_val, mine = ckpt['step'], ckpt['best_val'], ckpt['ranks'][rank]
-        if len(mine['memory']) != tcfg.grad_accum:
-            die(f"{path} was trained with --grad_accum {len(mine['memory'])}: resume with it")
-        torch.set_rng_state(mine['rng'])
-        if mine['cuda_rng'] is not None and cuda:
-            torch.cuda.set_rng_state(mine['cuda_rng'])
-        states = [memory.to_device(s, device) for s in mine['memory']]
-        if not algo:
-            loaders['train'].load_state_dict(ckpt['loader'])
+        start, best_val, states = restore(ckpt, path, given, model, optimizer, scheduler, dat,
+                                          tcfg, env)
     if tcfg.compile:     # each segment is one graph; shapes settle after the first segments
-        raw.segment = torch.compile(raw.segment)
-    if ddp:  # no buffers to broadcast: memory is passed in and out of forward; LM: the initial
-        model = DDP(model, device_ids=[device] if device != 'cpu' else None,   # RMT memory goes
-                    find_unused_parameters=mcfg.n_mem_tokens > 0 and not algo)  # unused (carried)
-    # ------------------------------------------------------------------------- helpers
-    def reduce(vals):                            # sum over ranks: sums, never means of means
-        t = torch.tensor(vals, dtype=torch.float64, device=device)
-        if ddp:
-            dist.all_reduce(t)
-        return t.tolist()
-    def evaluate(split):  # -> loss, a line of metrics (algorithmic: accuracy; LM: bpc or ppl)
-        raw.eval()
-        with torch.no_grad(), ctx:       # one autocast region per evaluation: weights cast once
-            if algo:                     # token accuracy teacher-forced and free-running
-                sums, size = [0.0] * 6, 4 * tcfg.batch_size
-                for x, y, w in loaders[split].eval_batches(size, tcfg.eval_examples or None):
-                    batch = data.answer_metrics(raw, x.to(device), y.to(device), w.to(device),
-                                                spec['ans_len'], spec['score_len'])
-                    sums = [a + b for a, b in zip(sums, batch)]
-                nll, n, n_ans, tf, fr, em = reduce(sums)
-                n_ex = n_ans / spec['score_len']
-                res = dict(loss=nll / n, acc_tf=tf / n_ans, acc_free=fr / n_ans, exact=em / n_ex,
-                           n=int(n_ex))
-            else:                        # token-weighted NLL over this rank's streams
-                state, nll, n = None, 0.0, 0
-                for x, y in loaders[split].eval_windows(mcfg.seg_len, tcfg.eval_tokens or None):
-                    out, state = raw(x.to(device), state, y.to(device))
-                    nll, n = nll + out.sum().item(), n + out.numel()
-                nll, n = reduce([nll, n])
-                res = dict(loss=nll / n, n=int(n))
-                res['bpc' if tcfg.task != 'wt103' else 'ppl'] = \
-                    nll / n / math.log(2) if tcfg.task != 'wt103' else math.exp(nll / n)
-        raw.train()
-        return res['loss'], ' | '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
-                                       for k, v in res.items())
-    def get_batch(i):     # step i's rows (or the streams' next window) on the device, tokens
-        x, y, w = loaders['train'].batch(i) if algo else (*loaders['train'].next(), None)
-        n = y.numel() if w is None else int(w.sum())     # counted on the CPU: no device sync
-        x, y, w = (t if t is None else (t.pin_memory() if cuda else t).to(device, non_blocking=True)
-                   for t in (x, y, w))                   # pinned: the copy overlaps compute
-        return x, y, w, n
-    def train_step(it):   # grad_accum micro-steps, clip, step unless the gradient is not finite
-        x, y, w, n_tok = get_batch(it)
-        G, mean_loss = tcfg.grad_accum, 0.0
-        # micro-step m trains on rows m*B..(m+1)*B with the memory those rows left at the last step
-        for micro, (xm, ym, wm) in enumerate(zip(x.chunk(G), y.chunk(G),
-                                                 [None] * G if w is None else w.chunk(G))):
-            with model.no_sync() if ddp and micro < G - 1 else nullcontext():
-                with ctx:
-                    nll, states[micro] = model(xm, None if algo else states[micro], ym)
-                    loss = nll.float().mean() if wm is None else (nll.float() * wm).sum() / wm.sum()
-                # equal chunks: the mean of the chunks' means is the mean over the whole batch
-                scaler.scale(loss / G).backward()
-            mean_loss = mean_loss + loss.detach() / G
-        scaler.unscale_(optimizer)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)
-        ok = scaler.is_enabled() or torch.isfinite(gnorm)   # fp16: the scaler skips overflows
-        if ok:
-            scaler.step(optimizer)
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return mean_loss, gnorm, n_tok, x.numel(), ok
-    def mfu(tok_per_s, train):  # model FLOP/s of this process, and the fraction of the GPU's peak
-        flops = raw.flops_per_token(train) * tok_per_s / 1e12          # TFLOP/s
-        gpu = torch.cuda.get_device_name(device) if cuda else ''
-        peak = next((v for k, v in {'H100': 989, 'H200': 989, 'A100': 312}.items() if k in gpu), 0)
-        peak /= 2 if dtype == torch.float32 else 1      # dense bf16 TFLOP/s per GPU; TF32 is half
-        return f'{flops:.1f} TFLOP/s | mfu {flops / peak:.1%}' if peak else f'{flops:.3f} TFLOP/s'
-    def checkpoint(name, step):  # all it takes to continue exactly; every rank gathers, 0 writes
-        mine = dict(rng=torch.get_rng_state(), memory=[
-            None if s is None else tuple(memory.to_device(s, 'cpu')) for s in states],
-            cuda_rng=torch.cuda.get_rng_state() if cuda else None)
-        ranks = [mine] * world
-        if ddp:
-            dist.all_gather_object(ranks, mine)
-        if not master:
-            return
-        dest = os.path.join(tcfg.out_dir, name)
-        tmp = f'{dest}.tmp{os.getpid()}'     # temp file, fsync, rename: never a torn checkpoint
-        try:
-            os.makedirs(tcfg.out_dir, exist_ok=True)
-            with open(tmp, 'wb') as f:
-                torch.save(dict(model=raw.state_dict(), optimizer=optimizer.state_dict(),
-                                scheduler=scheduler.state_dict(), model_cfg=asdict(mcfg),
-                                train_cfg=asdict(tcfg), step=step, best_val=best_val, ranks=ranks,
-                                data=checksums,
-                                loader=None if algo else loaders['train'].state_dict()), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except (OSError, RuntimeError) as e:     # torch.save reports a full disk as RuntimeError
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            die(f'could not write {dest} ({type(e).__name__}: {str(e).splitlines()[0][:80]}): '
-                'free disk space or change --out_dir; the previous checkpoint is intact')
-    # ------------------------------------------------------------------------- eval, sample, bench
+        model.segment = torch.compile(model.segment)
+    ddp_model = model
+    if env.ddp:  # no buffers to broadcast: memory is passed in and out of forward; on LM streams
+        # the initial RMT memory is unused after the first step (the carried memory replaces it)
+        ddp_model = DDP(model, device_ids=[env.device] if env.cuda else None,
+                        find_unused_parameters=mcfg.n_mem_tokens > 0 and dat.spec is None)
     if tcfg.mode == 'eval':
-        print0(f'eval: arch {mcfg.arch} | seg_len {mcfg.seg_len} | mem_len {mcfg.mem_len} | '
-               f'n_mem_tokens {mcfg.n_mem_tokens} | clamp_len {mcfg.clamp_len}')
+        env.print(f'eval: arch {mcfg.arch} | seg_len {mcfg.seg_len} | mem_len {mcfg.mem_len} | '
+                  f'n_mem_tokens {mcfg.n_mem_tokens} | clamp_len {mcfg.clamp_len}')
         for split in ('val', 'test'):
-            print0(f'{split}: {evaluate(split)[1]}')     # evaluate runs on every rank
+            line = evaluate(model, split, dat, tcfg, env)[1]   # every rank evaluates its share
+            env.print(f'{split}: {line}')
     elif tcfg.mode == 'sample':
-        raw.eval()
-        prompt = torch.as_tensor(corpus.encode(tcfg.prompt), dtype=torch.long, device=device)
-        out = raw.generate(prompt[None], tcfg.sample_len, None, tcfg.temperature, tcfg.top_k)
-        print(corpus.decode(prompt.tolist() + out[0].tolist()))   # the prompt as the model saw it
-    elif tcfg.mode == 'bench':  # warm-up, timed training steps, timed evaluation steps, one line
-        def memory_bytes(peak=False):    # in use now (and a new peak), or the peak since
-            if cuda:
-                if not peak:
-                    torch.cuda.reset_peak_memory_stats()
-                return torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
-            try:
-                if not peak:
-                    ctypes.CDLL('libc.so.6').malloc_trim(0)          # freed heap back to the OS
-                    open('/proc/self/clear_refs', 'w').write('5')   # reset the high-water mark
-                status = open('/proc/self/status').read()
-                return int(status.split('VmHWM:' if peak else 'VmRSS:')[1].split()[0]) * 1024
-            except (OSError, IndexError):
-                return 0
-        sync = torch.cuda.synchronize if cuda else (lambda: None)
-        for it in range(3):
-            train_step(it)
-        sync()
-        base, t0 = memory_bytes(), time.time()
-        tok, seen = map(sum, zip(*[train_step(i)[2:4] for i in range(3, 3 + tcfg.bench_iters)]))
-        sync()
-        dt_train, peak = time.time() - t0, memory_bytes(peak=True) - base
-        raw.eval()
-        with torch.no_grad(), ctx:
-            n_eval, seen_eval, state = 0, 0, None
-            for it in range(tcfg.bench_iters + 1):
-                if it == 1:                      # the first step is warm-up (casts, kernels)
-                    sync()
-                    t0, n_eval, seen_eval = time.time(), 0, 0
-                x, y, w, n = get_batch(it)
-                _, state = raw(x, None if algo else state, y)
-                n_eval, seen_eval = n_eval + n, seen_eval + x.numel()
-            sync()
-            dt_eval = time.time() - t0
-        print0(f'model: {mfu(seen / dt_train, True)} training, {mfu(seen_eval / dt_eval, False)}'
-               f' evaluation (dtype {str(dtype)[6:]}, {"compiled" if tcfg.compile else "eager"})')
-        print0(f'bench: train {tok * world / dt_train:.0f} tok/s, eval '
-               f'{n_eval * world / dt_eval:.0f} tok/s, peak {peak / 2**20:.0f} MB, '
-               f'step {1000 * dt_train / tcfg.bench_iters:.0f} ms')
+        prompt = torch.as_tensor(dat.corpus.encode(tcfg.prompt), device=env.device)[None]
+        out = model.eval().generate(prompt, tcfg.sample_len, None, tcfg.temperature, tcfg.top_k)
+        print(dat.corpus.decode(torch.cat([prompt, out], 1)))   # the prompt as the model saw it
+    elif tcfg.mode == 'bench':                  # every rank steps, rank 0 prints
+        bench(model, ddp_model, optimizer, states, dat, tcfg, env)
     if tcfg.mode != 'train':
         return
     # ------------------------------------------------------------------------- training loop
-    print0(f'task {tcfg.task} | arch {mcfg.arch} | '
-           f'{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params | world {world} | '
-           f'device {device}')
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    env.print(f'task {tcfg.task} | arch {mcfg.arch} | {n_params:.2f}M params | '
+              f'world {env.world} | device {env.device}')
+    ckpt_args = (model, optimizer, scheduler, mcfg, tcfg, dat, env)
     signals = []                                 # SIGINT/SIGTERM: checkpoint, then exit
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda signum, frame: signals.append(signum))
     t0, n_tok, n_seen, skipped = time.time(), 0, 0, 0
-    for it in range(start, tcfg.max_iters):
-        loss, gnorm, n, seen, ok = train_step(it)
-        n_tok, n_seen, step = n_tok + n, n_seen + seen, it + 1
-        if not ok:                               # the same on every rank: grads are reduced
+    for step in range(start + 1, tcfg.max_iters + 1):
+        x, y, w, n = get_batch(dat, step - 1, env)
+        loss, gnorm, ok = train_step(ddp_model, optimizer, states, (x, y, w), tcfg, env)
+        n_tok, n_seen = n_tok + n, n_seen + x.numel()
+        # a non-finite gradient: no update (the same on every rank: gradients are reduced)
+        if not ok:
             states, skipped = [None] * tcfg.grad_accum, skipped + 1
-            if skipped > tcfg.skip_nonfinite:
+            if skipped > tcfg.skip_nonfinite:    # name a checkpoint only if one exists
                 last = os.path.join(tcfg.out_dir, 'ckpt.pt')
-                if os.path.exists(last):
-                    fix = (f'the last good checkpoint is {last}: resume it with --resume, '
-                           'perhaps with a lower --lr, or allow --skip_nonfinite N')
-                else:
-                    fix = ('no checkpoint was written yet: start over with a lower --lr, '
-                           'or allow --skip_nonfinite N')
-                die(f'non-finite loss or gradient at step {step}; {fix}', code=1)
+                fix = f'the last good checkpoint is {last}: resume it with --resume'
+                if not os.path.exists(last):
+                    fix = 'no checkpoint was written yet: start over'
+                die(f'non-finite loss or gradient at step {step}; {fix}, perhaps with a lower '
+                    '--lr, or allow --skip_nonfinite N', code=1)
             continue
         if tcfg.schedule == 'cosine':
             scheduler.step()
-        if step % tcfg.log_interval == 0 and master:
+        if step % tcfg.log_interval == 0 and env.master:
             dt = time.time() - t0
             print(f'step {step} | loss {loss.item():.4f} | lr {optimizer.param_groups[0]["lr"]:.2e}'
                   f' | gnorm {gnorm.item():.2f} | {1000 * dt / tcfg.log_interval:.0f} ms/step | '
-                  f'{n_tok * world / dt:.0f} tok/s | {mfu(n_seen / dt, True)}', flush=True)
+                  f'{n_tok * env.world / dt:.0f} tok/s | {model.mfu(n_seen / dt, True, env.dtype)}',
+                  flush=True)
             t0, n_tok, n_seen = time.time(), 0, 0
         if step % tcfg.eval_interval == 0 or step == tcfg.max_iters:
-            val_loss, metrics = evaluate('val')
+            val_loss, metrics = evaluate(model, 'val', dat, tcfg, env)
             if tcfg.schedule == 'plateau':
                 scheduler.step(val_loss)
-            print0(f'val step {step}: {metrics}', flush=True)
+            env.print(f'val step {step}: {metrics}', flush=True)
             if val_loss < best_val:
                 best_val = val_loss
-                checkpoint('best.pt', step)
-            checkpoint('ckpt.pt', step)
+                save_checkpoint('best.pt', step, best_val, states, *ckpt_args)
+            save_checkpoint('ckpt.pt', step, best_val, states, *ckpt_args)
             t0 = time.time()
-        if (reduce([len(signals)])[0] > 0) if ddp else signals:   # all ranks stop at one step
-            checkpoint('ckpt.pt', step)
-            print0(f'stopped by a signal at step {step}: continue with --resume', flush=True)
+        # a signal on any rank: every rank stops at this step, after one checkpoint
+        stop = len(signals)
+        if env.ddp:
+            stop = reduce([stop], env)[0]
+        if stop:
+            save_checkpoint('ckpt.pt', step, best_val, states, *ckpt_args)
+            env.print(f'stopped by a signal at step {step}: continue with --resume', flush=True)
             sys.exit(128 + (signals[0] if signals else signal.SIGTERM))
-    # ------------------------------------------------------------------------- final test
-    print0(f"test: {evaluate('test')[1]}")
-    if ddp:  # DDP's reducer goes before the process group: else gloo may abort at exit
-        del model
+    # ------------------------------------------------------------------------- final test, cleanup
+    env.print(f"test: {evaluate(model, 'test', dat, tcfg, env)[1]}")
+    if env.ddp:  # DDP's reducer goes before the process group: else gloo may abort at exit
+        del ddp_model
         dist.barrier()
         dist.destroy_process_group()
 

@@ -175,17 +175,17 @@ def attach(model, sel):
 # ----------------------------------------------------------------------------- command line
 
 
-def evaluate(model, tokens, sel, a, device):
+def evaluate(model, tokens, sel, args, device):
     """Paper protocol: contiguous streams, every target scored once, memory carried. Returns
     (mean NLL, tokens scored, seconds, probability on memory, peak MB)."""
-    model.cfg = replace(model.cfg, mem_len=a.pool, seg_len=a.seg_len)
+    model.cfg = replace(model.cfg, mem_len=args.pool, seg_len=args.seg_len)
     attach(model, sel if sel.mem_select != 'none' or sel.stats else None)  # timed XL: model's own
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     t0, state, nll, n = time.time(), None, 0.0, 0
     with torch.no_grad():
-        for x, y in data.Stream(tokens, a.batch_size, a.seg_len).eval_windows(
-                a.seg_len, a.eval_tokens or None):
+        for x, y in data.Stream(tokens, args.batch_size, args.seg_len).eval_windows(
+                args.seg_len, args.eval_tokens or None):
             out, state = model(x.to(device), state, y.to(device))
             nll, n = nll + out.sum(), n + out.numel()
     nll, dt = float(nll), time.time() - t0          # float() waits for the GPU
@@ -195,42 +195,44 @@ def evaluate(model, tokens, sel, a, device):
     return nll / n, n, dt, float(sel.mass) / max(sel.queries, 1), peak
 
 
-def compare(model, tokens, a, device, rows):
+def compare(model, tokens, args, device, rows):
     """rows: (name, mem_select, pool). Pass 0: metrics and statistic; then --repeat timed passes."""
     res, times = {}, []
-    for rep in range(a.repeat + 1):
-        for name, how, pool in rows:
-            sel = Selection(how, a.select_recent, a.select_topk, a.select_true_pos,
-                            a.select_layers, stats=rep == 0)
-            r = evaluate(model, tokens, sel, argparse.Namespace(**vars(a), pool=pool), device)
+    for rep in range(args.repeat + 1):
+        for name, method, pool in rows:
+            sel = Selection(method, args.select_recent, args.select_topk, args.select_true_pos,
+                            args.select_layers, stats=rep == 0)
+            r = evaluate(model, tokens, sel, argparse.Namespace(**vars(args), pool=pool), device)
             res[name] = res.get(name, r)
             times.append(r[2])
-    t = torch.tensor(times).view(a.repeat + 1, len(rows))[1:]         # (repeat, rows) seconds
+    t = torch.tensor(times).view(args.repeat + 1, len(rows))[1:]         # (repeat, rows) seconds
     dt, ratio = t.median(0).values, (t / t[:, :1]).median(0).values   # ratio: within a pass
     return {k: (*r[:2], dt[i], ratio[i], *r[3:]) for i, (k, r) in enumerate(res.items())}
 
 
-def show(model, corpus, a, device):
+def show(model, corpus, args, device):
     """Paper Table 3: memory text with the TRAMS picks in [brackets], then the segment predicted."""
-    sel = Selection('trams', a.select_recent, a.select_topk, a.select_true_pos)
-    model.cfg = replace(model.cfg, mem_len=a.mem_len, seg_len=a.seg_len)
+    sel = Selection('trams', args.select_recent, args.select_topk, args.select_true_pos)
+    model.cfg = replace(model.cfg, mem_len=args.mem_len, seg_len=args.seg_len)
     attach(model, sel)
-    seen, state, windows = [], None, data.Stream(corpus.test, 1, a.seg_len).eval_windows(a.seg_len)
+    windows = data.Stream(corpus.test, 1, args.seg_len).eval_windows(args.seg_len)
+    seen, state = [], None
     with torch.no_grad():
-        for _, (x, _) in zip(range(-(-a.mem_len // a.seg_len) + 1), windows):
+        for _, (x, _) in zip(range(-(-args.mem_len // args.seg_len) + 1), windows):
             _, state = model(x.to(device), state)
             seen.append(x[0])
-    hist, layer = torch.cat(seen[:-1]).tolist()[-a.mem_len:], a.layer % model.cfg.n_layer
-    if len(hist) <= a.select_recent + a.select_topk:
+    hist, layer = torch.cat(seen[:-1]).tolist()[-args.mem_len:], args.layer % model.cfg.n_layer
+    if len(hist) <= args.select_recent + args.select_topk:
         die('the test split is too short to fill the pool: lower --mem_len')
-    keep, N = set(sel.picked[layer][0, a.head].tolist()), len(hist) - a.select_recent
+    keep, N = set(sel.picked[layer][0, args.head].tolist()), len(hist) - args.select_recent
     runs = itertools.groupby(range(N), lambda j: j in keep)   # decoded together: UTF-8 stays whole
     sep = ' ' if corpus.itos is not None else ''
 
     def txt(ids):
         return corpus.decode(list(ids)).replace('\n', '⏎')
-    print(f'layer {layer} head {a.head}: [the {a.select_topk} TRAMS picks] among the {N} oldest '
-          f'of {len(hist)} pool states || the {a.select_recent} recent ones, always kept')
+    print(f'layer {layer} head {args.head}: [the {args.select_topk} TRAMS picks] among the '
+          f'{N} oldest of {len(hist)} pool states || the {args.select_recent} recent ones, '
+          'always kept')
     print(sep.join(f'[{txt(hist[j] for j in js)}]' if kept else txt(hist[j] for j in js)
                    for kept, js in runs) + f'{sep}||{sep}' + txt(hist[N:]))
     print(f'predicting: {txt(seen[-1].tolist())}')
@@ -246,46 +248,50 @@ def main(argv):
         p.add_argument(f'--{name}', type=type(default), default=default)
     for name in ('--select_true_pos', '--show'):
         p.add_argument(name, action='store_true')
-    a = p.parse_args(argv)
-    ckpt = load_checkpoint(a.ckpt)
-    mc, tc, task = ckpt['model_cfg'], ckpt['train_cfg'], a.task or ckpt['train_cfg']['task']
+    args = p.parse_args(argv)
+    ckpt = load_checkpoint(args.ckpt)
+    mc, tc, task = ckpt['model_cfg'], ckpt['train_cfg'], args.task or ckpt['train_cfg']['task']
     if mc['arch'] != 'xl' or task not in data.LM_TASKS:
         die(f"TRAMS needs an xl checkpoint and a language-modelling task, not '{mc['arch']}' on "
-            f"'{task}' ({a.ckpt})")
-    key, _, vals = a.sweep.partition('=')
+            f"'{task}' ({args.ckpt})")
+    key, _, vals = args.sweep.partition('=')
     try:
-        a.select_layers = tuple(int(v) for v in a.select_layers.split(',') if v)
-        settings = [argparse.Namespace(**{**vars(a), key: int(v)}) for v in vals.split(',') if v]
+        args.select_layers = tuple(int(v) for v in args.select_layers.split(',') if v)
+        settings = [argparse.Namespace(**{**vars(args), key: int(v)}) for v in vals.split(',') if v]
     except ValueError:
         die('--select_layers and --sweep take comma-separated integers')
-    if a.sweep and not (key in ('mem_len', 'select_topk', 'select_recent', 'seg_len') and settings):
+    sweepable = ('mem_len', 'select_topk', 'select_recent', 'seg_len')
+    if args.sweep and not (key in sweepable and settings):
         die('--sweep takes mem_len=, select_topk=, select_recent= or seg_len= and values')
     if any(min(b.seg_len, b.batch_size, b.select_topk, b.repeat, b.select_recent + 1) < 1
-           or b.select_recent + b.select_topk >= b.mem_len for b in settings or [a]):
+           or b.select_recent + b.select_topk >= b.mem_len for b in settings or [args]):
         die('need --seg_len --batch_size --select_topk --repeat >= 1, --select_recent >= 0 and '
             '--select_recent + --select_topk < --mem_len (else nothing is dropped)')
-    if not all(0 <= i < mc['n_layer'] for i in a.select_layers) or not 0 <= a.head < mc['n_head']:
+    layers_ok = all(0 <= i < mc['n_layer'] for i in args.select_layers)
+    if not layers_ok or not 0 <= args.head < mc['n_head']:
         die(f"--select_layers / --head out of range: {mc['n_layer']} layers, {mc['n_head']} heads")
     device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu')
-                          if a.device == 'auto' else a.device)
+                          if args.device == 'auto' else args.device)
     try:
-        corpus = data.load_corpus(task, a.data_dir or tc['data_dir'],
-                                  a.data_path or tc['data_path'])
+        corpus = data.load_corpus(task, args.data_dir or tc['data_dir'],
+                                  args.data_path or tc['data_path'])
     except data.DataError as e:
         die(str(e))
     model = MemTransformer(ModelConfig(**mc)).to(device).eval()
     model.load_state_dict(ckpt['model'])
-    if a.show:
-        return show(model, corpus, a, device)
+    if args.show:
+        return show(model, corpus, args, device)
     unit = 'ppl' if task == 'wt103' else 'bpc'
-    print(f'M={a.mem_len} R={a.select_recent} K={a.select_topk} n={a.seg_len} B={a.batch_size} '
-          f'true_pos={a.select_true_pos} layers={a.select_layers or "all"} on {device}, s = median')
+    print(f'M={args.mem_len} R={args.select_recent} K={args.select_topk} n={args.seg_len} '
+          f'B={args.batch_size} true_pos={args.select_true_pos} '
+          f'layers={args.select_layers or "all"} on {device}, s = median')
     print(f"| {'setting | ' * bool(settings)}row | {unit} | tokens | s | vs XL(R+K) | "
           f"prob on memory | peak MB |\n|---|" + '---|' * (6 + bool(settings)))
-    for b in settings or [a]:     # a sweep (paper Figs. 4-6): XL(R+K) and TRAMS per setting
-        rows = [('XL mem R+K', 'none', b.select_recent + b.select_topk)] + [(name, how, b.mem_len)
-                for name, how in (('XL mem M', 'none'), ('TRAMS', 'trams'), ('TRAMS (paper score)',
-                                  'trams_paper'), ('oracle', 'oracle'), ('random', 'random'))]
+    for b in settings or [args]:     # a sweep (paper Figs. 4-6): XL(R+K) and TRAMS per setting
+        rows = [('XL mem R+K', 'none', b.select_recent + b.select_topk)] + [
+            (name, method, b.mem_len) for name, method in (
+                ('XL mem M', 'none'), ('TRAMS', 'trams'), ('TRAMS (paper score)', 'trams_paper'),
+                ('oracle', 'oracle'), ('random', 'random'))]
         res = compare(model, corpus.test, b, device, [rows[0], rows[2]] if settings else rows)
         for name, (nll, n, dt, ratio, prob, peak) in res.items():
             print(f"| {f'{getattr(b, key)} | ' if settings else ''}{name} | "
