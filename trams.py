@@ -37,7 +37,8 @@ def trams_scores(w_q, k, paper=False, weights=None):
     the paper stands in the all-ones direction for the unknown queries. Paper: cos⟨K', 1⟩‖K'‖ =
     ΣK'/sqrt(C); the official code: ‖K'‖·|ΣK'|."""
     H = k.size(1)
-    weights = score_weights(w_q, H) if weights is None else weights
+    if weights is None:
+        weights = score_weights(w_q, H)
     if paper:
         weights = weights[..., -1:]                                            # q1 only
     proj = k.transpose(0, 1).flatten(1, 2) @ weights                         # (H, B*N, D+1)
@@ -109,7 +110,9 @@ class Selection:
         if kept is not None and kept.keys.size(2) != P:
             raise RuntimeError(f'{kept.keys.size(2)} kept keys for a pool of {P}: out of step')
         reuse = self.keep and kept is not None
-        fresh = h if reuse else torch.cat([cache, h], 1)                     # (B, S or P+S, C)
+        fresh = h                                                            # (B, S, C)
+        if not reuse:
+            fresh = torch.cat([cache, h], 1)                                 # (B, P+S, C)
         keys, values = attn.kv(fresh).view(B, -1, 2, H, D).permute(2, 0, 3, 1, 4)  # (B, H, ., D)
         if method in ('trams', 'trams_paper'):
             scores = trams_scores(attn.q.weight, keys, method == 'trams_paper')   # (B, H, .)
@@ -132,11 +135,16 @@ class Selection:
             method, kept = 'none', None
         new = self.pool_keys(attn, h, cache, kept, method)
         keys, values = new.keys, new.values                                  # (B, H, P+S, D)
-        n = R + K if dropping else P                                         # memory attended
+        n, true_idx = P, None          # memory keys attended; their pool indices (true_pos)
+        if dropping:
+            n = R + K
+        # positional scores: every distance where all are needed, else only the n+2S nearest
         all_dist = not dropping or self.select_true_pos or method == 'oracle'
-        r = attn.r(pos if all_dist else pos[P - n:]).view(-1, H, D).transpose(0, 1)  # (H, ., D)
+        r_pos = pos                                                          # (P+2S, C)
+        if not all_dist:
+            r_pos = pos[P - n:]                                              # (n+2S, C)
+        r = attn.r(r_pos).view(-1, H, D).transpose(0, 1)                     # (H, ., D)
         pos_scores = (q + v[:, None]) / math.sqrt(D) @ r.transpose(1, 2)    # (B, H, S, .)
-        idx = None
         if dropping:
             # 1. score the P-R older pool states (the R newest are always kept)
             if method == 'oracle':   # paper Fig. 1 upper bound: the attention each one receives
@@ -152,10 +160,11 @@ class Selection:
             # 3. gather their keys and values; the mask keeps its last n+S columns (the pool is
             # in every query's past, so those columns are all True)
             keys, values, mask = gather(keys, idx), gather(values, idx), mask[:, P - n:]
-            if all_dist and not self.select_true_pos:
+            if self.select_true_pos:
+                true_idx = idx[..., :n]
+            elif all_dist:
                 pos_scores = pos_scores[..., P - n:]           # oracle: back to compressed slots
         # 4. attend; positions: contiguous slots, or the kept states' true distances
-        true_idx = idx[..., :n] if dropping and self.select_true_pos else None
         bd = positions(pos_scores, S, true_idx)                                # (B, H, S, n+S)
         if self.stats:  # attention probability on the n memory keys (an untimed pass)
             p = probs(q + u[:, None], keys, bd, mask)                          # (B, H, S, n+S)
@@ -179,7 +188,10 @@ def evaluate(model, tokens, sel, args, device):
     """Paper protocol: contiguous streams, every target scored once, memory carried. Returns
     (mean NLL, tokens scored, seconds, probability on memory, peak MB)."""
     model.cfg = replace(model.cfg, mem_len=args.pool, seg_len=args.seg_len)
-    attach(model, sel if sel.mem_select != 'none' or sel.stats else None)  # timed XL: model's own
+    routed = sel
+    if sel.mem_select == 'none' and not sel.stats:
+        routed = None                            # timed plain XL: the model's own attention
+    attach(model, routed)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     t0, state, nll, n = time.time(), None, 0.0, 0
@@ -190,8 +202,10 @@ def evaluate(model, tokens, sel, args, device):
             nll, n = nll + out.sum(), n + out.numel()
     nll, dt = float(nll), time.time() - t0          # float() waits for the GPU
     attach(model, None)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == 'cuda' else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # CPU: the whole process's
+    if device.type == 'cuda':
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:                                        # the whole process's peak resident set
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return nll / n, n, dt, float(sel.mass) / max(sel.queries, 1), peak
 
 
@@ -270,8 +284,9 @@ def main(argv):
     layers_ok = all(0 <= i < mc['n_layer'] for i in args.select_layers)
     if not layers_ok or not 0 <= args.head < mc['n_head']:
         die(f"--select_layers / --head out of range: {mc['n_layer']} layers, {mc['n_head']} heads")
-    device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu')
-                          if args.device == 'auto' else args.device)
+    if args.device == 'auto':
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = torch.device(args.device)
     try:
         corpus = data.load_corpus(task, args.data_dir or tc['data_dir'],
                                   args.data_path or tc['data_path'])
