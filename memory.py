@@ -88,7 +88,9 @@ def run_segments(segment, x, state, targets, seg_len, bptt_depth, grad_checkpoin
         chunk = slice(s * seg_len, (s + 1) * seg_len)
         args = x[:, chunk], state, None if targets is None else targets[:, chunk]
         # the last segment's backward comes right away: nothing to gain by recomputing it
-        out, state = checkpoint(segment, *args, use_reentrant=False) \
-            if grad_checkpoint and s < n - 1 else segment(*args)
+        if grad_checkpoint and s < n - 1:
+            out, state = checkpoint(segment, *args, use_reentrant=False)
+        else:
+            out, state = segment(*args)
         outs.append(out)
     return torch.cat(outs, 1), state
