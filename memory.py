@@ -51,7 +51,12 @@ def update_kept(kept, mem_len):
     to the last mem_len states, so that row j still belongs to cache state j. No gradient (eval)."""
     if all(k is None for k in kept):
         return None
-    return [k if k is None else Kept(*(t[:, :, -mem_len:] for t in k)) for k in kept]
+    cut = []
+    for k in kept:
+        if k is not None:                        # None: a layer that kept nothing
+            k = Kept(*(t[:, :, -mem_len:] for t in k))
+        cut.append(k)
+    return cut
 
 
 def to_device(state, device):
@@ -60,8 +65,11 @@ def to_device(state, device):
     if state is None:
         return None
     cache, mem = state[:2]
-    return State(None if cache is None else [c.to(device) for c in cache],
-                 None if mem is None else mem.to(device))
+    if cache is not None:
+        cache = [c.to(device) for c in cache]
+    if mem is not None:
+        mem = mem.to(device)
+    return State(cache, mem)
 
 
 def detach(state):

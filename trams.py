@@ -30,7 +30,7 @@ def score_weights(w_q, H):
 
 def trams_scores(w_q, k, paper=False, weights=None):
     """TRAMS scores (B, H, N) of keys k (B, H, N, D), from the reformulated key K' = W_Q,hᵀ k
-    (C-dim), never built: ‖K'‖ = ‖R k‖ and ΣK' = q1·k (weights: score_weights(w_q), cached).
+    (C-dim), never built: ‖K'‖ = ‖R k‖ and ΣK' = q1·k (weights: score_weights(w_q), if known).
     Why K' predicts attention (TRAMS §2.2-2.4): the logit of a query token x (a LayerNorm output,
     so ‖x‖ is about the same for every query) and key k is x·K' = ‖x‖‖K'‖cos⟨x, K'⟩, so a key gets
     a high logit from most queries when ‖K'‖ is large and K' points where queries tend to point;
@@ -95,6 +95,7 @@ class Selection:
     mass: float = 0.0              # stats: attention probability on memory, summed over ...
     queries: int = 0               # ... this many (query, head, layer) triples
     picked: dict = field(default_factory=dict)  # layer -> kept pool indices (B, H, n), for --show
+    weights: dict = field(default_factory=dict)  # layer -> score_weights of its W_Q (by attach)
     gen: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))  # random
 
     def method(self, layer):
@@ -115,7 +116,8 @@ class Selection:
             fresh = torch.cat([cache, h], 1)                                 # (B, P+S, C)
         keys, values = attn.kv(fresh).view(B, -1, 2, H, D).permute(2, 0, 3, 1, 4)  # (B, H, ., D)
         if method in ('trams', 'trams_paper'):
-            scores = trams_scores(attn.q.weight, keys, method == 'trams_paper')   # (B, H, .)
+            scores = trams_scores(attn.q.weight, keys, method == 'trams_paper',
+                                  self.weights.get(attn.layer))                # (B, H, .)
         else:
             scores = keys.new_zeros(keys.shape[:3])                          # no content score
         if reuse:
@@ -176,9 +178,13 @@ class Selection:
 
 
 def attach(model, sel):
-    """Route every layer's attention through `sel.attend` (sel = None: back to plain XL)."""
+    """Route every layer's attention through `sel.attend` (sel = None: back to plain XL). The
+    score weights of each W_Q are computed here, once: the weights are fixed in evaluation."""
     for block in model.blocks:
         block.attn.selection = sel
+        if sel is not None:
+            with torch.no_grad():
+                sel.weights[block.attn.layer] = score_weights(block.attn.q.weight, block.attn.H)
 
 
 # ----------------------------------------------------------------------------- command line
