@@ -5,8 +5,8 @@ with its BPTT detach points. Small pure functions; each docstring says where gra
 Shape legend: B batch, T segment tokens, M memory slots, P cached positions, C d_model.
 A state is `State(cache, mem, kept)`: cache = list of L tensors (B, P, C) (layer inputs, Tr-XL) or
 None, mem = (B, M, C) (RMT memory) or None, kept = list of L `Kept` (or None per layer), the keys,
-values and scores of the cache's states, computed once as each state entered (evaluation with
-TRAMS selection, trams.py), or None. It is passed into and returned from `forward`, never kept in
+values (and TRAMS scores, trams.py) of the cache's states, computed once, as each state entered,
+or None (evaluation only: without a gradient the weights are fixed). It is passed into and returned from `forward`, never kept in
 module buffers (DDP would overwrite buffers with rank 0's copy), so a new stream starts empty.
 """
 from collections import namedtuple
@@ -15,7 +15,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 State = namedtuple('State', 'cache mem kept', defaults=(None,))
-# per layer, aligned with the cache: keys and values (B, H, P, D), scores (B, H, P)
+# per layer, aligned with the cache: keys and values (B, H, P, D), TRAMS scores (B, H, P) or None
 Kept = namedtuple('Kept', 'keys values scores')
 
 
@@ -46,17 +46,22 @@ def update_cache(cache, hids, mem_len):
     return [h[:, -mem_len:].detach() for h in hids]                       # (B, min(P+T, mem), C)
 
 
-def update_kept(kept, mem_len):
-    """TRAMS: each layer returns the keys, values and scores of [pool | segment]; cut like the cache
-    to the last mem_len states, so that row j still belongs to cache state j. No gradient (eval)."""
-    if all(k is None for k in kept):
+def update_kept(kept, P, n_read, T, mem_len):
+    """Evaluation: each layer returns the keys and values (and TRAMS scores) of [cache P | block],
+    block = [read | tokens T | write]. Keep the rows of the cache and of the T tokens (memory
+    slots are never cached), cut like the cache to the last mem_len, so that row j still belongs
+    to cache state j. Training returns None: there the cache is projected again every segment."""
+    if mem_len <= 0 or all(k is None for k in kept):
         return None
-    cut = []
-    for k in kept:
-        if k is not None:                        # None: a layer that kept nothing
-            k = Kept(*(t[:, :, -mem_len:] for t in k))
-        cut.append(k)
-    return cut
+
+    def rows(t):                                 # (B, H, P+S, .) -> (B, H, min(P+T, mem_len), .)
+        if t is None:
+            return None
+        if n_read:                               # xl_rmt: leave out the read slots
+            t = torch.cat([t[:, :, :P], t[:, :, P + n_read:]], 2)
+        return t[:, :, :P + T][:, :, -mem_len:]
+
+    return [None if k is None else Kept(*map(rows, k)) for k in kept]
 
 
 def to_device(state, device):

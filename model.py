@@ -96,16 +96,64 @@ def sinusoid(pos, C):
 
 def rel_shift(x, K):
     """Positional scores over distances K-1 ... -S (descending) to scores at the true signed
-    distance d(i, j) = (K-S) + i - j of query i and key j: out[i, j] = x[i, S-1-i+j].
+    distance d(i, j) = (K-S) + i - j of query i and key j: out[..., i, j] = x[..., i, S-1-i+j].
     Example, S=2 queries, K=3 keys (one cached): the columns of x hold distances 2 1 0 -1 -2;
     query 0 (position 1) needs distances 1 0 -1 to keys 0 1 2, columns 1..3 of its row; query 1
     needs 2 1 0, columns 0..2. Flattening (S, R) and re-viewing it with rows one shorter shifts
     row i left by S-1-i: that is the whole trick. Pure views (Tr-XL's shift trick); valid because
     the table holds every distance, negative ones included (the original's table stops at 0,
-    which leaves garbage where d < 0)."""
-    B, H, S, R = x.shape                                                       # R = K+S
-    x = x.reshape(B, H, S * R)[..., S - 1:S - 1 + S * (R - 1)]
-    return x.view(B, H, S, R - 1)[..., :K]                                     # (B, H, S, K)
+    which leaves garbage where d < 0). x (..., S, R = K+S) contiguous -> (..., S, K)."""
+    *lead, S, R = x.shape
+    x = x.reshape(-1, S * R)[:, S - 1:S - 1 + S * (R - 1)]
+    return x.view(*lead, S, R - 1)[..., :K]
+
+
+class RelShift(torch.autograd.Function):
+    """rel_shift with a cheaper backward (training). Autograd's backward of its two slices fills
+    two zero tensors of x's size and copies the gradient twice; the gradient of x is the output's
+    gradient written through the same strided view into one zero tensor. Tested equal to
+    rel_shift, values and gradients."""
+
+    @staticmethod
+    def forward(ctx, x, K):
+        ctx.shape = x.shape
+        return rel_shift(x, K)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = grad.new_zeros(ctx.shape)
+        rel_shift(grad_x, grad.size(-1)).copy_(grad)
+        return grad_x, None
+
+
+def keep_mask(shape, p):
+    """Dropout's keep mask (True = keep) with P(keep) = 1 - round(p * 2^15) / 2^15, within 2e-5 of
+    1 - p. torch's own dropout on the CPU draws one random double per element (bernoulli_), the
+    largest cost after the matmuls in bf16 training; 15 random bits per element are enough, and
+    one 31-bit integer from random_ gives two of them, 4x cheaper at the FFN's size."""
+    n = math.prod(shape)
+    bits = torch.empty((n + 1) // 2, dtype=torch.int32).random_()      # 31 random bits each
+    halves = bits.view(torch.int16)[:n] & 0x7FFF                        # two 15-bit numbers each
+    return (halves >= round(p * 2 ** 15)).view(shape)
+
+
+def dropout(x, p):
+    """Training-time dropout: zero each element with probability p, scale the rest by 1/(1-p).
+    On CUDA torch's fused kernel; on the CPU the cheaper mask above (the same distribution)."""
+    if p == 0:
+        return x
+    if x.is_cuda:
+        return F.dropout(x, p)
+    return torch.where(keep_mask(x.shape, p), x * (1 / (1 - p)), 0)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout through `dropout` above."""
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        return dropout(x, self.p)
 
 
 def attention(q, k, v, bd, mask, dropatt=0.0):
@@ -121,7 +169,7 @@ def attention(q, k, v, bd, mask, dropatt=0.0):
     a = torch.baddbmm(bd.flatten(0, 1), q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2),
                       alpha=1 / math.sqrt(D)).view(B, H, S, -1)                  # (B, H, S, K)
     a = a.masked_fill_(~mask, float('-inf')).softmax(-1)
-    a = F.dropout(a, dropatt) if dropatt else a
+    a = dropout(a, dropatt)
     return a @ v                                                                 # (B, H, S, D)
 
 
@@ -138,26 +186,57 @@ class RelAttention(nn.Module):
         self.kv = nn.Linear(cfg.d_model, 2 * cfg.n_head * cfg.d_head, bias=False)
         self.r = nn.Linear(cfg.d_model, cfg.n_head * cfg.d_head, bias=False)   # W_R
         self.o = nn.Linear(cfg.n_head * cfg.d_head, cfg.d_model, bias=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.dropatt = cfg.dropatt
         self.selection = None     # TRAMS: a trams.Selection, set for evaluation only (trams.attach)
 
     def forward(self, h, cache, kept, pos, u, v, mask):
-        """h (B, S, C) with the layer's cache (B, P, C) or None -> output (B, S, C), and what
-        TRAMS keeps of [pool | segment] (memory.Kept; None without a selection)."""
+        """h (B, S, C) with the layer's cache (B, P, C) or None, and in evaluation the cache's
+        keys and values (memory.Kept) or None -> output (B, S, C), and memory.Kept of
+        [cache | h] in evaluation (None in training)."""
         B, S, _ = h.shape
-        q = self.q(h).view(B, S, self.H, self.D).transpose(1, 2)                  # (B, H, S, D)
+        q = self.q(h).view(B, S, self.H, self.D).transpose(1, 2)                 # (B, H, S, D)
+        u, v = u.to(q.dtype)[:, None], v.to(q.dtype)[:, None]   # (H, 1, D); bf16 stays bf16
         if self.selection is not None and cache is not None and not self.training:
             y, kept = self.selection.attend(self, q, h, cache, kept, pos, u, v, mask)  # TRAMS
             return self.drop(self.o(y.transpose(1, 2).reshape(B, S, -1))), kept  # (B, S, C)
-        hk = h if cache is None else torch.cat([cache, h], 1)                    # (B, K, C)
-        K = hk.size(1)
-        k, val = self.kv(hk).view(B, K, 2, self.H, self.D).permute(2, 0, 3, 1, 4)  # (B, H, K, D)
-        r = self.r(pos).view(-1, self.H, self.D).transpose(0, 1)                 # (H, R, D)
-        qv = (q + v[:, None]) / math.sqrt(self.D)             # scaled here: S rows, not S x K
-        bd = rel_shift(qv @ r.transpose(1, 2), K)                                # (B, H, S, K)
-        y = attention(q + u[:, None], k, val, bd, mask, self.dropatt if self.training else 0.0)
-        return self.drop(self.o(y.transpose(1, 2).reshape(B, S, -1))), None      # (B, S, C)
+        k, val = self.keys_values(h, cache, kept)                                # (B, H, K, D)
+        K = k.size(2)
+        bd = self.position_scores(q, v, pos)                                     # (H, B, S, R)
+        shift = RelShift.apply if torch.is_grad_enabled() else rel_shift
+        bd = shift(bd, K).transpose(0, 1)                                        # (B, H, S, K)
+        y = attention(q + u, k, val, bd, mask, self.dropatt if self.training else 0.0)
+        kept = None
+        if not torch.is_grad_enabled():
+            kept = memory.Kept(k, val, None)
+        return self.drop(self.o(y.transpose(1, 2).reshape(B, S, -1))), kept      # (B, S, C)
+
+    def position_scores(self, q, v, pos):
+        """(q_i+v)·W_R r / sqrt(D) for every query and distance of pos (R, C): (H, B, S, R), head
+        first. W_R r is shared by the batch, so this is one matmul per head over all B*S queries,
+        (H, B*S, D) x (H, D, R), rather than B*H small ones."""
+        B, H, S, D = q.shape
+        r = self.r(pos).view(-1, H, D)                                           # (R, H, D)
+        qv = ((q + v) / math.sqrt(D)).transpose(0, 1).reshape(H, B * S, D)      # (H, B*S, D)
+        return (qv @ r.permute(1, 2, 0)).view(H, B, S, -1)                       # (H, B, S, R)
+
+    def keys_values(self, h, cache, kept):
+        """Keys and values (B, H, P+S, D) of [cache | h]. Evaluation (no gradient) reuses `kept`,
+        the keys and values each cache state got when it entered, and projects only h. Training
+        projects the whole cache again with the current weights, as the original does: the
+        weights change every step, and the gradient reaches W_K and W_V through the cache too."""
+        B, H, D = h.size(0), self.H, self.D
+        reuse = kept is not None and not torch.is_grad_enabled()
+        if reuse and kept.keys.size(2) != cache.size(1):
+            raise RuntimeError(f'{kept.keys.size(2)} kept keys for a cache of {cache.size(1)}: '
+                               'state out of step')
+        hk = h
+        if cache is not None and not reuse:
+            hk = torch.cat([cache, h], 1)                                        # (B, P+S, C)
+        k, v = self.kv(hk).view(B, -1, 2, H, D).permute(2, 0, 3, 1, 4)           # (B, H, ., D)
+        if reuse:
+            k, v = torch.cat([kept.keys, k], 2), torch.cat([kept.values, v], 2)  # (B, H, P+S, D)
+        return k, v
 
 
 class Block(nn.Module):
@@ -168,8 +247,8 @@ class Block(nn.Module):
         self.attn = RelAttention(cfg, layer)
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.ff = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_inner), nn.ReLU(),
-                                nn.Dropout(cfg.dropout), nn.Linear(cfg.d_inner, cfg.d_model),
-                                nn.Dropout(cfg.dropout))
+                                Dropout(cfg.dropout), nn.Linear(cfg.d_inner, cfg.d_model),
+                                Dropout(cfg.dropout))
         self.ln2 = nn.LayerNorm(cfg.d_model)
 
     def forward(self, h, cache, kept, pos, u, v, mask):
@@ -189,7 +268,7 @@ class MemTransformer(nn.Module):
         self.cfg = cfg
         C, H, D = cfg.d_model, cfg.n_head, cfg.d_head
         self.tok_emb = nn.Embedding(cfg.vocab_size, C)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.u = nn.Parameter(torch.zeros(H, D))       # content bias, shared by all layers
         self.v = nn.Parameter(torch.zeros(H, D))       # position bias, shared by all layers
         # RMT/MT: learned initial memory (M, C), filled in below
@@ -255,7 +334,7 @@ class MemTransformer(nn.Module):
             new_kept.append(kept_l)
         h = self.drop(h)
         cache = memory.update_cache(cache, hids, cfg.mem_len)
-        kept = memory.update_kept(new_kept, cfg.mem_len)
+        kept = memory.update_kept(new_kept, P, n_read, T, cfg.mem_len)
         mem = memory.write_memory(h, n_write)
         new_state = None if cache is None and mem is None else memory.State(cache, mem, kept)
         out = h[:, n_read:n_read + T]                                            # (B, T, C)

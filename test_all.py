@@ -22,7 +22,7 @@ import data
 from data import (SQEQ_CHARS, DataError, Examples, Stream, generate, load_corpus, make_splits,
                   split_checksum, task_spec)
 import memory
-from model import ARCHS, MemTransformer, ModelConfig, build_mask, rel_shift
+from model import ARCHS, MemTransformer, ModelConfig, RelShift, build_mask, dropout, rel_shift
 import train
 import trams
 
@@ -88,6 +88,26 @@ def test_rel_shift_gives_true_signed_distances():
         dist = torch.arange(S)[:, None] + (K - S) - torch.arange(K)[None]
         ref = x.gather(-1, ((K - 1) - dist).expand(B, H, S, K))
         assert torch.equal(rel_shift(x, K), ref)
+        x, g = x.requires_grad_(), torch.randn(B, H, S, K)   # the training path's own backward
+        assert torch.equal(*(torch.autograd.grad(f(x, K), x, g)[0] for f in (RelShift.apply,
+                                                                             rel_shift)))
+
+
+def test_dropout_keep_rate_independent_reproducible():
+    """The CPU dropout mask: keep rate within 1e-3 of 1-p (2^22 elements: sd 2e-4), neighbours
+    independent (the two halves of one random integer, and the next one), kept values scaled by
+    1/(1-p), the same mask for the same seed. Replayed by --grad_checkpoint: test_bptt_depth."""
+    x = torch.ones(2 ** 22)
+    for p in (0.1, 0.25, 0.5):
+        torch.manual_seed(0)
+        y = dropout(x, p)
+        keep = y != 0
+        assert abs(keep.float().mean() - (1 - p)) < 1e-3, p
+        assert torch.allclose(y[keep], torch.tensor(1 / (1 - p))), p
+        for lag in (1, 2):
+            assert abs((keep[lag:] & keep[:-lag]).float().mean() - (1 - p) ** 2) < 2e-3, p
+        torch.manual_seed(0)
+        assert torch.equal(dropout(x, p), y), p
 
 
 def test_rmt_mask_matches_spec_picture_and_tokens_never_see_write_memory():
@@ -576,19 +596,39 @@ def test_trams_indices_sorted_recent_kept_per_head_and_pool_unchanged():
         assert torch.equal(state.cache[1], torch.cat(inputs, 1)[:, -12:])  # FIFO of all inputs
 
 
-def test_trams_kept_keys_equal_recomputed_and_streams_never_share_them():
-    """The fast path (each pool state's key, value and score kept in the state since it entered)
-    equals the reference path (all of [pool | segment] projected again) over 11 segments: a pool
-    of 12 that wraps around and is no multiple of the segment (5), every selector, both position
-    layouts. A Selection reused on a second stream equals a fresh one (random: its own RNG)."""
+def _recomputed(m, x):  # reference: segment by segment with the kept keys dropped: all projected
+    state, outs = None, []
+    for chunk in x.split(m.cfg.seg_len, 1):
+        if state is not None:
+            state = state._replace(kept=None)
+        out, state = m.segment(chunk, state)
+        outs.append(out)
+    return torch.cat(outs, 1)
+
+
+def test_eval_kept_keys_equal_recomputed_and_streams_never_share_them():
+    """Evaluation keeps each cache state's keys and values (TRAMS: and scores) from when it entered.
+    That equals projecting the whole cache again, over 11 segments of 5 with a partial last one:
+    xl and xl_rmt with mem_len 7 changed to 9 at evaluation, and for TRAMS a pool of 12 that wraps,
+    every selector and both position layouts. A kept row off by one fails (by hand: > 1e-3). A
+    Selection reused on a second stream equals a fresh one (random: its own RNG)."""
+    x, x2 = torch.randint(0, 12, (2, 2, 53)).unbind(0)
+    for arch in ('xl', 'xl_rmt'):
+        m = tiny(arch, mem_len=7).eval()
+        m.cfg.mem_len = 9
+        with torch.no_grad():
+            [p.mul_(10) for n, p in m.named_parameters() if 'attn' in n]   # peaked attention
+            out, state = m(x)
+            assert [k.keys.size(2) for k in state.kept] == [9, 9], arch
+            assert (out - _recomputed(m, x)).abs().max() < 1e-5, arch
     m = tiny('xl', mem_len=12, n_head=4).eval()
-    x, x2 = torch.randint(0, 12, (2, 2, 55)).unbind(0)
     for how, true_pos in [(h, t) for h in trams.SELECTORS for t in (False, True)]:
-        outs = [_run_trams(m, x, trams.Selection(how, 3, 4, true_pos, keep=keep))
-                for keep in (True, False)]
-        assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5), (how, true_pos)
-        if how != 'none':
-            assert outs[0][1].kept is not None and outs[1][1].kept is None, how
+        sel = trams.Selection(how, 3, 4, true_pos)
+        out, state = _run_trams(m, x, sel)
+        sel.gen.manual_seed(0)                    # random: the same picks again
+        with torch.no_grad():
+            assert (out - _recomputed(m, x)).abs().max() < 1e-5, (how, true_pos)
+        assert (state.kept[0].scores is not None) == how.startswith('trams'), how
         if how != 'random':
             sel = trams.Selection(how, 3, 4, true_pos)
             _run_trams(m, x, sel)

@@ -90,7 +90,6 @@ class Selection:
     select_topk: int = 50          # K: best older states kept (the paper's m = R + K)
     select_true_pos: bool = False  # selected states keep their true distances (default: compressed)
     select_layers: tuple = ()      # layers that select (paper Fig. 7); () = all
-    keep: bool = True              # reuse each state's key, value and score (False: recompute all)
     stats: bool = False            # sum the attention probability that lands on the memory
     mass: float = 0.0              # stats: attention probability on memory, summed over ...
     queries: int = 0               # ... this many (query, head, layer) triples
@@ -104,37 +103,31 @@ class Selection:
         return self.mem_select
 
     def pool_keys(self, attn, h, cache, kept, method):
-        """memory.Kept of [pool | segment]: keys and values (B, H, P+S, D), scores (B, H, P+S).
-        keep: only the segment is projected, the pool's rows come from when its states entered
-        (the score is content only, fixed with the key); else all of [cache | h] is projected."""
-        B, H, D, P = h.size(0), attn.H, attn.D, cache.size(1)
-        if kept is not None and kept.keys.size(2) != P:
-            raise RuntimeError(f'{kept.keys.size(2)} kept keys for a pool of {P}: out of step')
-        reuse = self.keep and kept is not None
-        fresh = h                                                            # (B, S, C)
-        if not reuse:
-            fresh = torch.cat([cache, h], 1)                                 # (B, P+S, C)
-        keys, values = attn.kv(fresh).view(B, -1, 2, H, D).permute(2, 0, 3, 1, 4)  # (B, H, ., D)
-        if method in ('trams', 'trams_paper'):
-            scores = trams_scores(attn.q.weight, keys, method == 'trams_paper',
-                                  self.weights.get(attn.layer))                # (B, H, .)
-        else:
-            scores = keys.new_zeros(keys.shape[:3])                          # no content score
-        if reuse:
-            keys, values, scores = (torch.cat([old, new], 2) for old, new in zip(kept, (
-                keys, values, scores)))                                      # (B, H, P+S, .)
+        """memory.Kept of [pool | segment]: keys and values (B, H, P+S, D) from the layer, which
+        projects only the segment when the pool's rows are kept; TRAMS scores (B, H, P+S), content
+        only, so each is also computed once, when its state enters. Other methods: no scores."""
+        keys, values = attn.keys_values(h, cache, kept)                      # (B, H, P+S, D)
+        if method not in ('trams', 'trams_paper'):
+            return memory.Kept(keys, values, None)
+        known = 0                                # pool rows whose scores were kept
+        if kept is not None and kept.scores is not None:
+            known = kept.scores.size(2)
+        scores = trams_scores(attn.q.weight, keys[:, :, known:], method == 'trams_paper',
+                              self.weights.get(attn.layer))                  # (B, H, P+S-known)
+        if known:
+            scores = torch.cat([kept.scores, scores], 2)                     # (B, H, P+S)
         return memory.Kept(keys, values, scores)
 
     @torch.no_grad()
     def attend(self, attn, q, h, cache, kept, pos, u, v, mask):
         """TRAMS attention of one layer: keys of [pool | segment], score the older pool states,
         top-k, gather, attend over [K selected | R recent | segment]. Returns (B, H, S, D) and
-        what to keep of [pool | segment] (None when not keeping)."""
+        what to keep of [pool | segment]."""
         (B, H, S, D), P, R, K = q.shape, cache.size(1), self.select_recent, self.select_topk
         method = self.method(attn.layer)
         dropping = method != 'none' and R + K < P     # else plain XL (the pool is still filling)
         if not dropping:
-            method, kept = 'none', None
+            method = 'none'
         new = self.pool_keys(attn, h, cache, kept, method)
         keys, values = new.keys, new.values                                  # (B, H, P+S, D)
         n, true_idx = P, None          # memory keys attended; their pool indices (true_pos)
@@ -145,12 +138,11 @@ class Selection:
         r_pos = pos                                                          # (P+2S, C)
         if not all_dist:
             r_pos = pos[P - n:]                                              # (n+2S, C)
-        r = attn.r(r_pos).view(-1, H, D).transpose(0, 1)                     # (H, ., D)
-        pos_scores = (q + v[:, None]) / math.sqrt(D) @ r.transpose(1, 2)    # (B, H, S, .)
+        pos_scores = attn.position_scores(q, v, r_pos).transpose(0, 1)       # (B, H, S, .)
         if dropping:
             # 1. score the P-R older pool states (the R newest are always kept)
             if method == 'oracle':   # paper Fig. 1 upper bound: the attention each one receives
-                p = probs(q + u[:, None], keys, positions(pos_scores, S), mask)  # (B, H, S, P+S)
+                p = probs(q + u, keys, positions(pos_scores, S), mask)  # (B, H, S, P+S)
                 scores = p[..., :P - R].sum(2)                                 # (B, H, P-R)
             elif method == 'random':
                 scores = torch.rand(B, H, P - R, generator=self.gen).to(q.device)
@@ -169,12 +161,10 @@ class Selection:
         # 4. attend; positions: contiguous slots, or the kept states' true distances
         bd = positions(pos_scores, S, true_idx)                                # (B, H, S, n+S)
         if self.stats:  # attention probability on the n memory keys (an untimed pass)
-            p = probs(q + u[:, None], keys, bd, mask)                          # (B, H, S, n+S)
+            p = probs(q + u, keys, bd, mask)                          # (B, H, S, n+S)
             self.mass, self.queries = self.mass + p[..., :n].sum(), self.queries + B * H * S
-        y = attention(q + u[:, None], keys, values, bd, mask)                  # (B, H, S, D)
-        if self.keep and dropping:
-            return y, new
-        return y, None
+        y = attention(q + u, keys, values, bd, mask)                  # (B, H, S, D)
+        return y, new
 
 
 def attach(model, sel):
