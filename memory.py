@@ -6,8 +6,9 @@ Shape legend: B batch, T segment tokens, M memory slots, P cached positions, C d
 A state is `State(cache, mem, kept)`: cache = list of L tensors (B, P, C) (layer inputs, Tr-XL) or
 None, mem = (B, M, C) (RMT memory) or None, kept = list of L `Kept` (or None per layer), the keys,
 values (and TRAMS scores, trams.py) of the cache's states, computed once, as each state entered,
-or None (evaluation only: without a gradient the weights are fixed). It is passed into and returned from `forward`, never kept in
-module buffers (DDP would overwrite buffers with rank 0's copy), so a new stream starts empty.
+or None (evaluation only: without a gradient the weights are fixed). It is passed into and
+returned from `forward`, never kept in module buffers (DDP would overwrite buffers with rank 0's
+copy), so a new stream starts empty.
 """
 from collections import namedtuple
 

@@ -51,12 +51,12 @@ def run(*args, timeout=120):
                           timeout=timeout)
 
 
-def train_main(*args):  # train.py in this process -> (exit code, stdout, stderr)
-    out, err = io.StringIO(), io.StringIO()
+def train_main(*args, main=train.main):  # train.py (or trams.py) in this process: a subprocess
+    out, err = io.StringIO(), io.StringIO()  # pays the torch import -> (exit code, stdout, stderr)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            code = train.main(list(args)) or 0
+            code = main(list(args)) or 0
         except SystemExit as e:
             code = e.code
     for s, h in handlers.items():   # train.main catches SIGINT/SIGTERM: give them back
@@ -72,6 +72,7 @@ def test_shapes_and_no_future_leakage_every_arch():
         assert out.shape == (2, 13, 12), arch
         if arch in ('xl', 'xl_rmt'):
             assert len(state.cache) == 2 and state.cache[0].shape == (2, 4, 32)
+            assert not any(c.requires_grad for c in state.cache)      # detached (stop-gradient)
         if arch in ('rmt', 'xl_rmt'):
             assert state.mem.shape == (2, 3, 32)
         if arch in ('baseline', 'mt'):
@@ -160,16 +161,6 @@ def test_fast_attention_path_equals_plain_path():
                 with torch.set_grad_enabled(grad):
                     outs.append(m(x)[0])
             assert (outs[0] - outs[1]).abs().max() < 1e-5, (arch, on)
-
-
-def test_xl_cache_is_fifo_detached_and_mem_len_long():
-    m, inputs = tiny('xl', mem_len=7), []
-    hook = m.blocks[1].register_forward_pre_hook(lambda mod, a: inputs.append(a[0]))
-    out, state = m(torch.randint(0, 12, (2, 15)))   # 3 segments of 5
-    hook.remove()
-    seen = torch.cat(inputs, 1)                      # layer-1 inputs of all 15 positions
-    assert torch.equal(state.cache[1], seen[:, -7:])  # the newest 7, old first: (2, 7, 32)
-    assert not any(c.requires_grad for c in state.cache)
 
 
 def _first_step_grads(preset, arch, **small):
@@ -582,13 +573,13 @@ def test_trams_with_nothing_to_drop_equals_xl_bit_for_bit():
     assert not torch.equal(_run_trams(m, x, trams.Selection('trams', 3, 4))[0], ref)  # drops 1
 
 
-def test_trams_indices_sorted_recent_kept_per_head_and_pool_unchanged():
+def test_cache_fifo_trams_indices_sorted_recent_kept_per_head():
     m, x, inputs = tiny('xl', mem_len=12, n_head=4).eval(), torch.randint(0, 12, (2, 30)), []
     hook = m.blocks[1].register_forward_pre_hook(lambda mod, a: inputs.append(a[0]))
-    for how in ('trams', 'trams_paper', 'oracle', 'random'):
-        sel, inputs[:] = trams.Selection(how, 3, 4), []
+    for how in (None, 'trams', 'trams_paper', 'oracle', 'random'):   # None: plain XL
+        sel, inputs[:] = None if how is None else trams.Selection(how, 3, 4), []
         out, state = _run_trams(m, x, sel)
-        for idx in sel.picked.values():            # (B, H, 7) of a pool of 12
+        for idx in getattr(sel, 'picked', {}).values():            # (B, H, 7) of a pool of 12
             assert idx.shape == (2, 4, 7) and idx.min() >= 0 and idx.max() < 12, how
             assert (idx[..., 1:] > idx[..., :-1]).all() and (     # sorted, hence unique
                 idx[..., -3:] == torch.arange(9, 12)).all(), how     # the recent block, always
@@ -596,41 +587,34 @@ def test_trams_indices_sorted_recent_kept_per_head_and_pool_unchanged():
         assert torch.equal(state.cache[1], torch.cat(inputs, 1)[:, -12:])  # FIFO of all inputs
 
 
-def _recomputed(m, x):  # reference: segment by segment with the kept keys dropped: all projected
-    state, outs = None, []
-    for chunk in x.split(m.cfg.seg_len, 1):
-        if state is not None:
-            state = state._replace(kept=None)
-        out, state = m.segment(chunk, state)
-        outs.append(out)
-    return torch.cat(outs, 1)
+def _recomputed(m, x):  # reference: the kept keys dropped before each segment: all projected again
+    def segment(idx, state, targets):
+        return m.segment(idx, None if state is None else state._replace(kept=None), targets)
+    return memory.run_segments(segment, x, None, None, m.cfg.seg_len, -1)[0]
 
 
 def test_eval_kept_keys_equal_recomputed_and_streams_never_share_them():
     """Evaluation keeps each cache state's keys and values (TRAMS: and scores) from when it entered.
-    That equals projecting the whole cache again, over 11 segments of 5 with a partial last one:
-    xl and xl_rmt with mem_len 7 changed to 9 at evaluation, and for TRAMS a pool of 12 that wraps,
-    every selector and both position layouts. A kept row off by one fails (by hand: > 1e-3). A
+    That equals projecting the whole cache again, over 11 segments of 5 with a partial last one,
+    --mem_len 7 changed to 12 at evaluation: xl_rmt, xl, and TRAMS on xl (a pool of 12 that wraps,
+    every selector, both position layouts). A kept row off by one fails (by hand: > 1e-3). A
     Selection reused on a second stream equals a fresh one (random: its own RNG)."""
     x, x2 = torch.randint(0, 12, (2, 2, 53)).unbind(0)
-    for arch in ('xl', 'xl_rmt'):
-        m = tiny(arch, mem_len=7).eval()
-        m.cfg.mem_len = 9
-        with torch.no_grad():
-            [p.mul_(10) for n, p in m.named_parameters() if 'attn' in n]   # peaked attention
-            out, state = m(x)
-            assert [k.keys.size(2) for k in state.kept] == [9, 9], arch
-            assert (out - _recomputed(m, x)).abs().max() < 1e-5, arch
-    m = tiny('xl', mem_len=12, n_head=4).eval()
-    for how, true_pos in [(h, t) for h in trams.SELECTORS for t in (False, True)]:
-        sel = trams.Selection(how, 3, 4, true_pos)
+    for arch, how, true_pos in [('xl_rmt', None, False)] + [
+            ('xl', h, t) for h in (None, *trams.SELECTORS) for t in (False, True)]:
+        m = tiny(arch, mem_len=7, n_head=4).eval()
+        m.cfg.mem_len = 12
+        with torch.no_grad():                     # peaked attention (TRAMS: near-tied picks)
+            [p.mul_(10 if how is None else 1) for n, p in m.named_parameters() if 'attn' in n]
+        sel = None if how is None else trams.Selection(how, 3, 4, true_pos)
         out, state = _run_trams(m, x, sel)
-        sel.gen.manual_seed(0)                    # random: the same picks again
+        if sel is not None:
+            sel.gen.manual_seed(0)                # random: the same picks again
         with torch.no_grad():
-            assert (out - _recomputed(m, x)).abs().max() < 1e-5, (how, true_pos)
-        assert (state.kept[0].scores is not None) == how.startswith('trams'), how
-        if how != 'random':
-            sel = trams.Selection(how, 3, 4, true_pos)
+            assert (out - _recomputed(m, x)).abs().max() < 1e-5, (arch, how, true_pos)
+        assert [k.keys.size(2) for k in state.kept] == [12, 12], (arch, how)
+        assert (state.kept[0].scores is not None) == str(how).startswith('trams'), how
+        if how not in (None, 'random'):
             _run_trams(m, x, sel)
             assert torch.equal(_run_trams(m, x2, sel)[0],
                                _run_trams(m, x2, trams.Selection(how, 3, 4, true_pos))[0]), how
@@ -663,13 +647,8 @@ def test_trams_positions_compressed_and_true_distances():
 
 
 def test_trams_command_table_and_bad_input():
-    def cli(*args):       # in-process: a subprocess pays the torch import for every call
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                return trams.main(list(args)) or 0, out.getvalue(), err.getvalue()
-            except SystemExit as e:
-                return e.code, out.getvalue(), err.getvalue()
+    def cli(*args):
+        return train_main(*args, main=trams.main)
     with tempfile.TemporaryDirectory() as d:
         _put(f'{d}/text', bytes(np.random.default_rng(0).integers(97, 123, 2000, dtype=np.uint8)))
         for m in (tiny('xl', vocab_size=256), tiny('rmt', vocab_size=256)):
@@ -698,9 +677,8 @@ def test_bad_input_exits_2_with_one_line():
                      '--init_from /nonexistent.pt', f'--init_from {d}/empty.txt',
                      f'--init_from {d}/xl.pt --arch rmt', '--task text --data_path /nonexistent',
                      f'--task text --data_path {d}/empty.txt'):
-            r = run('train.py', *args.split())
-            assert r.returncode == 2, (args, r.returncode, r.stderr)
-            assert len(r.stderr.strip().splitlines()) == 1 and 'Traceback' not in r.stderr, r.stderr
+            code, out, err = train_main(*args.split())   # another exception fails the test
+            assert code == 2 and len(err.strip().splitlines()) == 1, (args, code, err)
 
 
 def test_preset_choice_quick_default_on_every_device():
