@@ -96,7 +96,7 @@ def test_rel_shift_gives_true_signed_distances():
 
 def test_dropout_keep_rate_independent_reproducible():
     """The CPU dropout mask: keep rate within 1e-3 of 1-p (2^22 elements: sd 2e-4), neighbours
-    independent (the two halves of one random integer, and the next one), kept values scaled by
+    independent (the four quarters of one random integer, and the next one), kept values scaled by
     1/(1-p), the same mask for the same seed. Replayed by --grad_checkpoint: test_bptt_depth."""
     x = torch.ones(2 ** 22)
     for p in (0.1, 0.25, 0.5):
@@ -105,7 +105,7 @@ def test_dropout_keep_rate_independent_reproducible():
         keep = y != 0
         assert abs(keep.float().mean() - (1 - p)) < 1e-3, p
         assert torch.allclose(y[keep], torch.tensor(1 / (1 - p))), p
-        for lag in (1, 2):
+        for lag in (1, 2, 3, 4):
             assert abs((keep[lag:] & keep[:-lag]).float().mean() - (1 - p) ** 2) < 2e-3, p
         torch.manual_seed(0)
         assert torch.equal(dropout(x, p), y), p
