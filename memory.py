@@ -62,7 +62,12 @@ def update_kept(kept, P, n_read, T, mem_len):
             t = torch.cat([t[:, :, :P], t[:, :, P + n_read:]], 2)
         return t[:, :, :P + T][:, :, -mem_len:]
 
-    return [None if k is None else Kept(*map(rows, k)) for k in kept]
+    cut = []
+    for k in kept:
+        if k is not None:                        # None: a layer that kept nothing
+            k = Kept(*map(rows, k))
+        cut.append(k)
+    return cut
 
 
 def to_device(state, device):
