@@ -64,6 +64,11 @@ class ModelConfig:
         for k in ('vocab_size', 'n_layer', 'n_head', 'd_model', 'd_head', 'd_inner'):
             if getattr(self, k) < 1:
                 raise ValueError(f'--{k} must be >= 1')
+        for k in ('dropout', 'dropatt'):
+            if not 0 <= getattr(self, k) < 1:          # also catches nan
+                raise ValueError(f'--{k} must be in [0, 1), got {getattr(self, k)}')
+        if list(self.cutoffs) != sorted(set(self.cutoffs)) or min(self.cutoffs, default=1) < 1:
+            raise ValueError(f'--cutoffs must be increasing positive ids, got {self.cutoffs}')
 
 
 def build_mask(P, n_read, T, n_write, device=None):
