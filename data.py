@@ -114,6 +114,12 @@ def make_splits(task, seq_len, seed, sizes=None):
     sizes = sizes or ((100_000, 10_000, 20_000) if task == 'sqeq' else (100_000, 5_000, 10_000))
     n = sizes if isinstance(sizes, dict) else dict(zip(('train', 'val', 'test'), sizes))  # or tuple
     total, rng, rows = sum(n.values()), np.random.default_rng(seed), {}
+    if task in ('copy', 'reverse'):  # rows of seq_len + 1 + answer: refuse what memory cannot hold
+        need = (total + 8192) * (seq_len + 1 + task_spec(task, seq_len)['ans_len']) * 9  # bytes
+        if hasattr(os, 'sysconf') and need > os.sysconf('SC_PAGE_SIZE') * os.sysconf(
+                'SC_PHYS_PAGES') / 2:
+            raise DataError(f'--seq_len {seq_len}: the {task} splits would need {need / 2**30:.0f}'
+                            " GiB, over half this machine's memory: lower --seq_len")
     # Fixed-size chunks keep the first rows (test, then val) independent of the sizes; a dict keeps
     # each distinct row once, in first-occurrence order, so no split repeats another's example.
     while len(rows) < total:

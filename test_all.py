@@ -672,7 +672,7 @@ def test_bad_input_exits_2_with_one_line():
         _put(f'{d}/cut.pt', open(f'{d}/xl.pt', 'rb').read()[:300])     # truncated
         _put(f'{d}/empty.txt', b'')
         for args in ('--nope 1', '--arch gpt', '--task nope', '--lr fast', '--seg_len 0',
-                     '--dropout 1.5', '--dropatt nan', '--task wt103 --cutoffs 100,5',
+                     '--dropout 1.5', '--dropatt nan', '--cutoffs 100,5', '--seq_len 1000000000',
                      '--arch rmt --n_mem_tokens 0', '--arch mt --n_mem_tokens=0', '--seq_len 0',
                      '--arch xl --mem_len 0', f'--resume --out_dir {d}', f'--init_from {d}/cut.pt',
                      '--init_from /nonexistent.pt', f'--init_from {d}/empty.txt',
