@@ -671,13 +671,13 @@ def test_bad_input_exits_2_with_one_line():
         torch.save(dict(model={}, model_cfg=vars(ModelConfig('xl')), train_cfg={}), f'{d}/xl.pt')
         _put(f'{d}/cut.pt', open(f'{d}/xl.pt', 'rb').read()[:300])     # truncated
         _put(f'{d}/empty.txt', b'')
-        for args in ('--nope 1', '--arch gpt', '--task nope', '--lr fast', '--seg_len 0',
-                     '--dropout 1.5', '--dropatt nan', '--cutoffs 100,5', '--seq_len 1000000000',
-                     '--arch rmt --n_mem_tokens 0', '--arch mt --n_mem_tokens=0', '--seq_len 0',
-                     '--arch xl --mem_len 0', f'--resume --out_dir {d}', f'--init_from {d}/cut.pt',
-                     '--init_from /nonexistent.pt', f'--init_from {d}/empty.txt',
-                     f'--init_from {d}/xl.pt --arch rmt', '--task text --data_path /nonexistent',
-                     f'--task text --data_path {d}/empty.txt'):
+        for args in (f'--task text --data_path {d}/empty.txt', '--arch rmt --n_mem_tokens 0',
+                     '--task text --data_path /nonexistent', f'--init_from {d}/xl.pt --arch rmt',
+                     '--init_from /nonexistent.pt', '--arch mt --n_mem_tokens=0', '--dropout 1.5',
+                     f'--init_from {d}/empty.txt', f'--resume --out_dir {d}', '--cutoffs 100,5',
+                     f'--init_from {d}/cut.pt', '--arch xl --mem_len 0', '--seq_len 1000000000',
+                     '--grad_clip -1', '--dropatt nan', '--device CPU', '--task nope', '--nope 1',
+                     '--seg_len 0', '--seq_len 0', '--arch gpt', '--lr fast', '--lr nan'):
             code, out, err = train_main(*args.split())   # another exception fails the test
             assert code == 2 and len(err.strip().splitlines()) == 1, (args, code, err)
 

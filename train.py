@@ -4,7 +4,6 @@ on a CPU, one GPU or many GPUs; flags override the task's preset. No flags: RMT 
   python train.py --mode bench --task enwik8 --preset enwik8 --batch_size 8   # speed, one line
 """
 import ctypes
-import functools
 import math
 import os
 import signal
@@ -142,14 +141,19 @@ def make_configs(given, ckpt=None, path=''):  # defaults <- preset <- flags, or 
         mc, tc, preset = {}, dict(preset=name, task=name.removesuffix('_cpu')), PRESETS[name]
     for k, v in {**preset, **given}.items():
         (tc if k in TrainConfig.__dataclass_fields__ else mc)[k] = v
+    n_gpu = torch.cuda.device_count()           # --device: what this machine has
     try:
         tcfg = TrainConfig(**tc)
         for k, ok in (('task', data.ALGO_TASKS + data.LM_TASKS),
                       ('mode', ('train', 'eval', 'sample', 'bench')),
                       ('schedule', ('plateau', 'cosine')),
-                      ('dtype', ('auto', 'float32', 'bfloat16', 'float16'))):
+                      ('dtype', ('auto', 'float32', 'bfloat16', 'float16')),
+                      ('device', ['auto', 'cpu'] + ['cuda'] * (n_gpu > 0) +
+                       [f'cuda:{i}' for i in range(n_gpu)])):
             if getattr(tcfg, k) not in ok:
                 raise ValueError(f"unknown {k} '{getattr(tcfg, k)}': use one of {', '.join(ok)}")
+        if not (0 < tcfg.lr < math.inf and 0 <= tcfg.grad_clip < math.inf):   # nan fails too
+            raise ValueError('--lr must be > 0 and --grad_clip >= 0 (0 = off), both finite')
         if tcfg.mode == 'sample' and tcfg.task not in data.LM_TASKS:
             raise ValueError('--mode sample needs a language-modelling task (enwik8, wt103, text)')
         for k in ('seq_len', 'batch_size', 'grad_accum', 'max_iters', 'eval_interval',
@@ -293,19 +297,16 @@ def to_device(t, env):  # pinned on CUDA: the copy overlaps compute
 
 
 # ----------------------------------------------------------------------------- model, optimizer
-def cosine(step, warmup_iters, max_iters):  # lr factor: linear warm-up, then cosine to 0
-    if step < warmup_iters:
-        return (step + 1) / warmup_iters
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, step / max_iters)))
-
-
 def make_optimizer(model, tcfg, env):
+    def cosine(step):  # lr factor: linear warm-up, then cosine to 0
+        if step < tcfg.warmup_iters:
+            return (step + 1) / tcfg.warmup_iters
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, step / tcfg.max_iters)))
     optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr, fused=env.cuda)
     if tcfg.schedule == 'plateau':               # halve the lr when val loss stalls
         scheduler = ReduceLROnPlateau(optimizer, factor=0.5, patience=4)   # 4 evaluations
     else:
-        scheduler = LambdaLR(optimizer, functools.partial(
-            cosine, warmup_iters=tcfg.warmup_iters, max_iters=tcfg.max_iters))
+        scheduler = LambdaLR(optimizer, cosine)
     return optimizer, scheduler
 
 
@@ -333,9 +334,8 @@ def save_checkpoint(name, step, best_val, states, model, optimizer, scheduler, m
                     env):
     """All it takes to continue exactly. Every rank sends its RNG and memory, rank 0 writes:
     temp file, fsync, rename, so a crash never leaves a torn checkpoint."""
-    mine = dict(rng=torch.get_rng_state(), cuda_rng=None, memory=[])
-    if env.cuda:
-        mine['cuda_rng'] = torch.cuda.get_rng_state()
+    mine = dict(rng=torch.get_rng_state(), memory=[],
+                cuda_rng=torch.cuda.get_rng_state() if env.cuda else None)
     for s in states:                             # plain tuples: weights_only reads no namedtuple
         mine['memory'].append(None if s is None else tuple(memory.to_device(s, 'cpu')))
     ranks = [mine] * env.world
@@ -441,9 +441,8 @@ def memory_bytes(env, peak=False):  # in use now (and a new peak starts), or the
         if not peak:
             ctypes.CDLL('libc.so.6').malloc_trim(0)          # freed heap back to the OS
             open('/proc/self/clear_refs', 'w').write('5')   # reset the high-water mark
-        status = open('/proc/self/status').read()
-        field = 'VmHWM:' if peak else 'VmRSS:'
-        return int(status.split(field)[1].split()[0]) * 1024
+        status = open('/proc/self/status').read()          # kB, peak or current
+        return int(status.split('VmHWM:' if peak else 'VmRSS:')[1].split()[0]) * 1024
     except (OSError, IndexError):
         return 0
 
