@@ -142,7 +142,7 @@ class Selection:
         if dropping:
             # 1. score the P-R older pool states (the R newest are always kept)
             if method == 'oracle':   # paper Fig. 1 upper bound: the attention each one receives
-                p = probs(q + u, keys, positions(pos_scores, S), mask)  # (B, H, S, P+S)
+                p = probs(q + u, keys, positions(pos_scores, S), mask)         # (B, H, S, P+S)
                 scores = p[..., :P - R].sum(2)                                 # (B, H, P-R)
             elif method == 'random':
                 scores = torch.rand(B, H, P - R, generator=self.gen).to(q.device)
@@ -161,9 +161,9 @@ class Selection:
         # 4. attend; positions: contiguous slots, or the kept states' true distances
         bd = positions(pos_scores, S, true_idx)                                # (B, H, S, n+S)
         if self.stats:  # attention probability on the n memory keys (an untimed pass)
-            p = probs(q + u, keys, bd, mask)                          # (B, H, S, n+S)
+            p = probs(q + u, keys, bd, mask)                                   # (B, H, S, n+S)
             self.mass, self.queries = self.mass + p[..., :n].sum(), self.queries + B * H * S
-        y = attention(q + u, keys, values, bd, mask)                  # (B, H, S, D)
+        y = attention(q + u, keys, values, bd, mask)                           # (B, H, S, D)
         return y, new
 
 
