@@ -114,7 +114,7 @@ def rel_shift(x, K):
 
 
 class RelShift(torch.autograd.Function):
-    """rel_shift with a cheaper backward (training). Autograd's backward of its two slices fills
+    """rel_shift with a cheaper backward. Autograd's backward of its two slices fills
     two zero tensors of x's size and copies the gradient twice; the gradient of x is the output's
     gradient written through the same strided view into one zero tensor. Tested equal to
     rel_shift, values and gradients."""
@@ -209,8 +209,7 @@ class RelAttention(nn.Module):
         k, val = self.keys_values(h, cache, kept)                                # (B, H, K, D)
         K = k.size(2)
         bd = self.position_scores(q, v, pos)                                     # (H, B, S, R)
-        shift = RelShift.apply if torch.is_grad_enabled() else rel_shift
-        bd = shift(bd, K).transpose(0, 1)                                        # (B, H, S, K)
+        bd = RelShift.apply(bd, K).transpose(0, 1)                               # (B, H, S, K)
         y = attention(q + u, k, val, bd, mask, self.dropatt if self.training else 0.0)
         kept = None
         if not torch.is_grad_enabled():
