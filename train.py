@@ -4,6 +4,7 @@ on a CPU, one GPU or many GPUs; flags override the task's preset. No flags: RMT 
   python train.py --mode bench --task enwik8 --preset enwik8 --batch_size 8   # speed, one line
 """
 import ctypes
+import fcntl
 import math
 import os
 import signal
@@ -49,7 +50,9 @@ class TrainConfig:
     bench_iters: int = 10      # bench: timed training and evaluation steps, after 3 warm-up steps
     out_dir: str = 'out'       # checkpoints: ckpt.pt (latest), best.pt (best validation)
     init_from: str = ''        # checkpoint to evaluate, sample or fine-tune ('' = scratch)
-    resume: bool = False       # continue the run in out_dir from its ckpt.pt, exactly
+    resume: str = 'auto'       # auto: continue out_dir's run of this configuration, if any |
+    #                            true (a bare --resume): continue it, flags may change the loop's
+    #                            knobs | false: start anew, replacing out_dir's run
     skip_nonfinite: int = 0    # steps with a non-finite gradient to skip before stopping
     sample_len: int = 500      # sample: tokens to generate
     temperature: float = 0.9   # sample: 0 = greedy
@@ -102,8 +105,9 @@ def parse_flags(argv):  # every dataclass field is a flag: --name value or --nam
         if typ is None:
             die(f"unknown flag '{arg}': flags are --name value with a name from "
                 "ModelConfig or TrainConfig (python train.py --help lists them)")
-        if not eq and typ is bool and (not args or args[0][:2] == '--'):
-            val = 'true'                         # a bare boolean means true
+        bare = not eq and (not args or args[0][:2] == '--')
+        if bare and (typ is bool or name == 'resume'):
+            val = 'true'                         # a bare boolean (or --resume) means true
         elif not eq:
             val = args.pop(0) if args else die(f'flag --{name} needs a value')
         try:
@@ -127,9 +131,34 @@ def choose_preset(given):  # -> (preset name, why it was chosen: the log's first
     return f'{task}_cpu', f'--task {task} on a CPU: the small setting; --preset {task} is the paper'
 
 
-def make_configs(given, ckpt=None, path=''):  # defaults <- preset <- flags, or ckpt's <- flags
+# what a resumed run may change: the loop's knobs, never the model, the data or the streams
+RESUMABLE = ('mode', 'lr', 'warmup_iters', 'grad_clip', 'max_iters', 'eval_interval',
+             'eval_examples', 'eval_tokens', 'log_interval', 'device', 'dtype', 'compile',
+             'bench_iters', 'out_dir', 'resume', 'skip_nonfinite', 'sample_len', 'temperature',
+             'top_k', 'prompt', 'dropout', 'dropatt')
+# the lowest allowed value of a number (nan fails the comparison, so it is refused too)
+AT_LEAST = dict(seq_len=1, batch_size=1, grad_accum=1, max_iters=1, eval_interval=1,
+                log_interval=1, bench_iters=1, sample_len=1, eval_examples=0, eval_tokens=0,
+                warmup_iters=0, skip_nonfinite=0, top_k=0, temperature=0, grad_clip=0)
+
+
+def make_configs(given, ckpt=None, path='', resuming=False):
+    """-> (ModelConfig, TrainConfig, why): defaults <- preset <- flags, or a checkpoint's <- flags.
+    A resumed run keeps its checkpoint's settings but the RESUMABLE ones; a run that starts from
+    --init_from weights writes to its own --out_dir, never into the checkpoint's."""
+    tasks = data.ALGO_TASKS + data.LM_TASKS
+    if given.get('task', 'copy') not in tasks:
+        die(f"unknown task '{given['task']}': use one of {', '.join(tasks)}")
     if ckpt is not None:
         mc, tc, preset = dict(ckpt['model_cfg']), dict(ckpt['train_cfg']), {}
+        tc.pop('resume', None)
+        if not resuming:
+            tc['out_dir'] = TrainConfig.out_dir
+        for k, v in given.items():
+            old = {**tc, **mc}.get(k, v)
+            if resuming and k not in RESUMABLE and v != old:
+                die(f'--{k} cannot change when a run resumes ({path} has {old!r}): drop the flag, '
+                    'or start a new run with --resume false or another --out_dir')
         if given.get('arch', mc['arch']) != mc['arch']:
             die(f"the checkpoint holds an '{mc['arch']}' model, not '{given['arch']}': "
                 'drop --arch or use another checkpoint')
@@ -144,22 +173,20 @@ def make_configs(given, ckpt=None, path=''):  # defaults <- preset <- flags, or 
     n_gpu = torch.cuda.device_count()           # --device: what this machine has
     try:
         tcfg = TrainConfig(**tc)
-        for k, ok in (('task', data.ALGO_TASKS + data.LM_TASKS),
-                      ('mode', ('train', 'eval', 'sample', 'bench')),
+        for k, ok in (('mode', ('train', 'eval', 'sample', 'bench')),
                       ('schedule', ('plateau', 'cosine')),
                       ('dtype', ('auto', 'float32', 'bfloat16', 'float16')),
                       ('device', ['auto', 'cpu'] + ['cuda'] * (n_gpu > 0) +
                        [f'cuda:{i}' for i in range(n_gpu)])):
             if getattr(tcfg, k) not in ok:
                 raise ValueError(f"unknown {k} '{getattr(tcfg, k)}': use one of {', '.join(ok)}")
-        if not (0 < tcfg.lr < math.inf and 0 <= tcfg.grad_clip < math.inf):   # nan fails too
-            raise ValueError('--lr must be > 0 and --grad_clip >= 0 (0 = off), both finite')
+        for k, low in AT_LEAST.items():
+            if not getattr(tcfg, k) >= low:
+                raise ValueError(f'--{k} must be >= {low}, got {getattr(tcfg, k)}')
+        if not 0 < tcfg.lr < math.inf:
+            raise ValueError(f'--lr must be > 0 and finite, got {tcfg.lr}')
         if tcfg.mode == 'sample' and tcfg.task not in data.LM_TASKS:
             raise ValueError('--mode sample needs a language-modelling task (enwik8, wt103, text)')
-        for k in ('seq_len', 'batch_size', 'grad_accum', 'max_iters', 'eval_interval',
-                  'log_interval', 'bench_iters'):
-            if getattr(tcfg, k) < 1:
-                raise ValueError(f'--{k} must be >= 1')
         mcfg = ModelConfig(**mc)
         if tcfg.task in data.LM_TASKS and mcfg.bptt_depth < 0:
             raise ValueError('LM streams need --bptt_depth >= 0 (segments per step - 1)')
@@ -179,9 +206,42 @@ def load_checkpoint(path, resume=False):
         die(f'{path} is not a readable checkpoint ({type(e).__name__}): use another file')
     if not isinstance(ckpt, dict) or not {'model', 'model_cfg', 'train_cfg'} <= ckpt.keys():
         die(f'{path} is not a checkpoint of this codebase: use another file')
-    if resume and 'ranks' not in ckpt:
-        die(f'{path} holds no training state to resume (older format): start a new run')
+    lacks = {'optimizer', 'scheduler', 'step', 'best_val', 'ranks', 'data', 'loader'} - ckpt.keys()
+    if resume and lacks:
+        die(f"{path} holds no complete training state (no {', '.join(sorted(lacks))}): start a "
+            'new run with --resume false or another --out_dir')
     return ckpt
+
+
+def run_flags(given):  # the flags that make a run what it is: not where it lives, nor how it starts
+    return {k: v for k, v in given.items() if k not in ('resume', 'out_dir')}
+
+
+def choose_start(given):
+    """-> (checkpoint or None, its path, resuming?). Training continues out_dir's ckpt.pt with
+    --resume true, and with auto when the same flags started that run (as a torchrun restart
+    does); auto starts anew when out_dir holds no run and refuses when it holds another. A new
+    run, --mode eval or sample starts from the weights of --init_from, if given."""
+    how, init = given.get('resume', 'auto'), given.get('init_from', '')
+    if how not in ('auto', 'true', 'false'):
+        die(f"--resume takes auto, true or false, not '{how}'")
+    last = os.path.join(given.get('out_dir', TrainConfig.out_dir), 'ckpt.pt')
+    if how == 'true' and init:
+        die('--resume continues the run in --out_dir, --init_from starts a new one: give one')
+    if how == 'true':
+        return load_checkpoint(last, resume=True), last, True
+    if given.get('mode', 'train') == 'train' and how == 'auto' and os.path.exists(last):
+        run = load_checkpoint(last, resume=True)
+        flags, theirs = run_flags(given), run.get('flags', {})
+        diff = sorted(k for k in flags.keys() | theirs.keys() if flags.get(k) != theirs.get(k))
+        if diff or 'flags' not in run:
+            die(f"{last} holds a run started with other flags ({', '.join(diff) or 'unknown'}):"
+                ' continue it with --resume true, replace it with --resume false, or give '
+                'another --out_dir')
+        return run, last, True
+    if init:
+        return load_checkpoint(init), init, False
+    return None, '', False
 
 
 # ----------------------------------------------------------------------------- DDP / device
@@ -241,6 +301,39 @@ def reduce(vals, env):  # sum over ranks: sums, never means of means
     return t.tolist()
 
 
+def agree_on_start(step, env):
+    """Only rank 0 writes checkpoints, so every node must see the same out_dir (a shared file
+    system). Ranks that would resume different steps (or one none) stop together, here."""
+    steps = [step] * env.world
+    if env.ddp:
+        dist.all_gather_object(steps, step)
+    if len(set(steps)) > 1:
+        die(f'the ranks see different checkpoints in the --out_dir (steps {steps}): every node '
+            'must see the same --out_dir, on a shared file system')
+
+
+def claim_out_dir(tcfg, env):
+    """Rank 0 of a training run checks at start that out_dir is writable and locks it while this
+    process lives, so a second run there stops at once. The operating system releases the lock
+    when the process ends, SIGKILL included, so a restart is never blocked. Temp files of writes
+    that a kill interrupted are removed: no other run writes here."""
+    if not env.master:
+        return None
+    try:
+        os.makedirs(tcfg.out_dir, exist_ok=True)
+        lock = open(os.path.join(tcfg.out_dir, 'lock'), 'w')
+    except OSError as e:
+        die(f'cannot write to --out_dir {tcfg.out_dir} ({e.strerror}): give a writable one')
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        die(f'another run is training in {tcfg.out_dir}: let it end, or give another --out_dir')
+    for name in os.listdir(tcfg.out_dir):
+        if '.pt.tmp' in name:
+            os.remove(os.path.join(tcfg.out_dir, name))
+    return lock                                  # kept open: closing it would release the lock
+
+
 # ----------------------------------------------------------------------------- data
 @dataclass
 class Data:
@@ -273,11 +366,36 @@ def load_data(tcfg, mcfg, env):
             dist.barrier()
         mcfg.vocab_size, mcfg.cutoffs = corpus.vocab_size, tuple(corpus.cutoffs or ())
         window = mcfg.seg_len * (mcfg.bptt_depth + 1)   # BPTT-k: k+1 segments per step
-        loaders = {s: data.Stream(getattr(corpus, s), rows, window, env.rank, env.world)
-                   for s in data.SPLITS}
+        loaders = {s: data.Stream(getattr(corpus, s), rows, 0, env.rank, env.world)
+                   for s in ('val', 'test')}     # evaluated by windows of seg_len
+        loaders['train'] = data.Stream(corpus.train, rows, window, env.rank, env.world)
     except data.DataError as e:
         die(str(e))
-    return Data(loaders, {s: len(getattr(corpus, s)) for s in data.SPLITS}, corpus=corpus)
+    checksums = {s: data.split_checksum(getattr(corpus, s)) for s in data.SPLITS}
+    return Data(loaders, checksums, corpus=corpus)
+
+
+def check_fits(mcfg, tcfg, dat, env):
+    """Refuse a step that plainly cannot fit, before anything is allocated. A lower bound: per
+    layer and segment, the attention probabilities (B, H, S, K) and the FFN's hidden layer
+    (B, S, d_inner) at 4 bytes each (autograd keeps about 9 bytes per probability in bf16, 18
+    in fp32); training keeps them for every segment of a step (an LM window, or a whole example),
+    evaluation for one layer of one segment at a time."""
+    S = mcfg.seg_len + 2 * mcfg.n_mem_tokens         # RMT: read and write slots
+    held = mcfg.n_layer * (mcfg.bptt_depth + 1)      # an LM step: k+1 segments
+    if dat.spec is not None:
+        held = mcfg.n_layer * dat.loaders['train'].seqs.shape[1] / mcfg.seg_len
+    if mcfg.grad_checkpoint:                         # one segment at a time
+        held = mcfg.n_layer
+    if tcfg.mode in ('eval', 'sample'):
+        held = 1
+    need = 4 * held * tcfg.batch_size * S * (mcfg.n_head * (mcfg.mem_len + S) + mcfg.d_inner)
+    have = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    if env.cuda:
+        have = torch.cuda.get_device_properties(env.device).total_memory
+    if need > have:
+        die(f'one step would need over {need / 2**30:.0f} GiB of activations, and this '
+            f'{env.device} has {have / 2**30:.0f} GiB: lower --batch_size, --seg_len or --mem_len')
 
 
 def get_batch(dat, step, env):
@@ -314,11 +432,10 @@ def restore(ckpt, path, given, model, optimizer, scheduler, dat, tcfg, env):
     """Training state of a checkpoint, for this rank -> (step, best val loss, LM memory)."""
     if len(ckpt['ranks']) != env.world:
         die(f"{path} was written by {len(ckpt['ranks'])} processes: resume with as many")
-    if ckpt['data'] != dat.checksums:
-        die(f'the data differ from those {path} was trained on: restore them')
+    if ckpt['data'] != dat.checksums:            # older versions stored only LM split lengths
+        die(f'the data differ from those {path} was trained on (other file or contents): '
+            'restore them, or start a new run with --resume false or another --out_dir')
     mine = ckpt['ranks'][env.rank]
-    if len(mine['memory']) != tcfg.grad_accum:
-        die(f"{path} was trained with --grad_accum {len(mine['memory'])}: resume with it")
     optimizer.load_state_dict(ckpt['optimizer'])
     scheduler.load_state_dict(ckpt['scheduler'])
     if 'lr' in given:                            # a new --lr wins over the checkpoint's
@@ -330,8 +447,8 @@ def restore(ckpt, path, given, model, optimizer, scheduler, dat, tcfg, env):
     return ckpt['step'], ckpt['best_val'], [memory.to_device(s, env.device) for s in mine['memory']]
 
 
-def save_checkpoint(name, step, best_val, states, model, optimizer, scheduler, mcfg, tcfg, dat,
-                    env):
+def save_checkpoint(name, step, best_val, states, flags, model, optimizer, scheduler, mcfg, tcfg,
+                    dat, env):
     """All it takes to continue exactly. Every rank sends its RNG and memory, rank 0 writes:
     temp file, fsync, rename, so a crash never leaves a torn checkpoint."""
     mine = dict(rng=torch.get_rng_state(), memory=[],
@@ -351,15 +468,19 @@ def save_checkpoint(name, step, best_val, states, model, optimizer, scheduler, m
             torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), model_cfg=asdict(mcfg),
                             train_cfg=asdict(tcfg), step=step, best_val=best_val, ranks=ranks,
-                            data=dat.checksums, loader=dat.loaders['train'].state_dict()), f)
+                            data=dat.checksums, loader=dat.loaders['train'].state_dict(),
+                            flags=flags), f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dest)
     except (OSError, RuntimeError) as e:         # torch.save reports a full disk as RuntimeError
         if os.path.exists(tmp):
             os.remove(tmp)
+        kept = 'no checkpoint was written yet'
+        if os.path.exists(dest):
+            kept = f'{dest} holds the previous one, intact'
         die(f'could not write {dest} ({type(e).__name__}: {str(e).splitlines()[0][:80]}): '
-            'free disk space or change --out_dir; the previous checkpoint is intact')
+            f'free disk space or change --out_dir; {kept}')
 
 
 # ----------------------------------------------------------------------------- train, evaluate
@@ -387,13 +508,12 @@ def train_step(ddp_model, optimizer, states, batch, tcfg, env):
         mean_loss = mean_loss + loss.detach() / G
     env.scaler.unscale_(optimizer)
     gnorm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), tcfg.grad_clip or math.inf)
-    # fp16: the scaler itself skips steps that overflow
-    ok = env.scaler.is_enabled() or bool(torch.isfinite(gnorm))
-    if ok:
-        env.scaler.step(optimizer)
+    finite = bool(torch.isfinite(gnorm))
+    if finite or env.scaler.is_enabled():        # fp16: the scaler skips the step itself and
+        env.scaler.step(optimizer)               # halves its scale
         env.scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return mean_loss, gnorm, ok
+    return mean_loss, gnorm, finite
 
 
 def evaluate(model, split, dat, tcfg, env):
@@ -484,6 +604,11 @@ def bench(model, ddp_model, optimizer, states, dat, tcfg, env):
               f'step {1000 * dt_train / tcfg.bench_iters:.0f} ms')
 
 
+def stop_final_test(signum, frame):
+    die('stopped by a signal in the final test; every checkpoint is written: `--mode eval '
+        '--init_from OUT_DIR/ckpt.pt` runs the test', code=128 + signum)
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv):
     if '--help' in argv or '-h' in argv:
@@ -492,16 +617,15 @@ def main(argv):
         return
     # config: defaults <- preset <- flags, or a checkpoint's configs <- flags
     given = parse_flags(argv)
-    resume = given.get('resume', False)
-    path = given.get('init_from', '')
-    if resume:
-        path = os.path.join(given.get('out_dir', TrainConfig.out_dir), 'ckpt.pt')
-    ckpt = load_checkpoint(path, resume) if path else None
-    mcfg, tcfg, why = make_configs(given, ckpt, path)
+    ckpt, path, resuming = choose_start(given)
+    mcfg, tcfg, why = make_configs(given, ckpt, path, resuming)
     env = setup(tcfg)
+    agree_on_start(ckpt['step'] if resuming else 0, env)
     if tcfg.mode == 'train':
         env.print(f'preset {tcfg.preset} ({why})')
+        lock = claim_out_dir(tcfg, env)          # held until this process ends
     dat = load_data(tcfg, mcfg, env)
+    check_fits(mcfg, tcfg, dat, env)
     model = MemTransformer(mcfg).to(env.device)
     optimizer, scheduler = make_optimizer(model, tcfg, env)
     if ckpt is not None:
@@ -512,9 +636,10 @@ def main(argv):
                 'give the matching flags or another checkpoint')
     # LM: each micro-step's streams carry their memory from step to step
     start, best_val, states = 0, float('inf'), [None] * tcfg.grad_accum
-    if resume:
+    if resuming:
         start, best_val, states = restore(ckpt, path, given, model, optimizer, scheduler, dat,
                                           tcfg, env)
+        env.print(f'resuming {path} at step {start} of {tcfg.max_iters}')
     if tcfg.compile:     # each segment is one graph; shapes settle after the first segments
         model.segment = torch.compile(model.segment)
     ddp_model = model
@@ -540,7 +665,10 @@ def main(argv):
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     env.print(f'task {tcfg.task} | arch {mcfg.arch} | {n_params:.2f}M params | '
               f'world {env.world} | device {env.device}')
-    ckpt_args = (model, optimizer, scheduler, mcfg, tcfg, dat, env)
+    flags = run_flags(given)                     # stored with the run, for --resume auto
+    if resuming:
+        flags = {**ckpt.get('flags', {}), **flags}
+    ckpt_args = (flags, model, optimizer, scheduler, mcfg, tcfg, dat, env)
     signals = []                                 # SIGINT/SIGTERM: checkpoint, then exit
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda signum, frame: signals.append(signum))
@@ -551,10 +679,14 @@ def main(argv):
         n_tok, n_seen = n_tok + n, n_seen + x.numel()
         # a non-finite gradient: no update (the same on every rank: gradients are reduced)
         if not ok:
-            states, skipped = [None] * tcfg.grad_accum, skipped + 1
+            states = [None] * tcfg.grad_accum
+            # fp16: an overflow at a loss scale above 1 may be the scale's fault (it was halved):
+            # not counted; one at scale 1 or below is the model's
+            if not env.scaler.is_enabled() or env.scaler.get_scale() < 1:
+                skipped += 1
             if skipped > tcfg.skip_nonfinite:    # name a checkpoint only if one exists
                 last = os.path.join(tcfg.out_dir, 'ckpt.pt')
-                fix = f'the last good checkpoint is {last}: resume it with --resume'
+                fix = f'the last good checkpoint is {last}: resume it with --resume true'
                 if not os.path.exists(last):
                     fix = 'no checkpoint was written yet: start over'
                 die(f'non-finite loss or gradient at step {step}; {fix}, perhaps with a lower '
@@ -585,9 +717,12 @@ def main(argv):
             stop = reduce([stop], env)[0]
         if stop:
             save_checkpoint('ckpt.pt', step, best_val, states, *ckpt_args)
-            env.print(f'stopped by a signal at step {step}: continue with --resume', flush=True)
+            env.print(f'stopped by a signal at step {step}: the same command continues the run',
+                      flush=True)
             sys.exit(128 + (signals[0] if signals else signal.SIGTERM))
     # ------------------------------------------------------------------------- final test, cleanup
+    for s in (signal.SIGINT, signal.SIGTERM):    # a signal now ends the run: all is saved
+        signal.signal(s, stop_final_test)
     env.print(f"test: {evaluate(model, 'test', dat, tcfg, env)[1]}")
     if env.ddp:  # DDP's reducer goes before the process group: else gloo may abort at exit
         del ddp_model
