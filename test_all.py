@@ -1,6 +1,7 @@
 """The single-command CPU test run: `python test_all.py` (or `python -m pytest test_all.py`). Each
 test checks a property that a real bug would break; fixed seeds, tiny configs, no network."""
 import contextlib
+import fcntl
 import http.client
 import io
 import os
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import signal
+import socket
 import time
 import traceback
 import unittest
@@ -455,25 +457,75 @@ def test_free_running_exact_and_tiny_rmt_learns_copy_baseline_cannot():
     assert rmt > 0.9 and base < 0.3, (rmt, base)
 
 
-def test_ddp_two_processes_equal_one_process():
+KILL_RANK_1 = """import os, signal, sys, time
+sys.path.insert(0, {here!r})
+import checkpoint, train
+save = checkpoint.save
+
+
+def save_then_die(name, *args):  # rank 1, first attempt: SIGKILL once rank 0 has written ckpt.pt
+    save(name, *args)
+    first = os.environ['TORCHELASTIC_RESTART_COUNT'] == '0'
+    if name == 'ckpt.pt' and os.environ['RANK'] == '1' and first:
+        while not os.path.exists({ckpt!r}):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+checkpoint.save = save_then_die
+train.main(sys.argv[1:])
+"""
+
+
+def test_torchrun_two_processes_two_nodes_and_a_restart_equal_one_process():
+    """2 processes == 1 with their joint batch; 2 nodes on loopback == 2 processes on one node; a
+    rank SIGKILLed after the first checkpoint, under --max-restarts 1: torchrun reruns the command,
+    which resumes (--resume auto) and ends with the uninterrupted metrics. A failing rank ends the
+    whole job, no hang."""
     with tempfile.TemporaryDirectory() as d:
-        common = ['--dropout', '0', '--max_iters', '3', '--eval_interval', '3', '--dtype',
-                  'float32', '--eval_examples', '8', '--device', 'cpu', '--n_layer', '2']
-        r1 = run('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
-                 *common, '--batch_size', '4', '--out_dir', f'{d}/ddp')
-        r2 = run('train.py', *common, '--batch_size', '8', '--out_dir', f'{d}/one')
-        assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-2000:] + r2.stderr[-2000:]
-        a, b = (torch.load(f'{d}/{n}/ckpt.pt', weights_only=True)['model'] for n in ('ddp', 'one'))
+        common = ['--dropout', '0', '--max_iters', '6', '--eval_interval', '3', '--dtype',
+                  'float32', '--eval_examples', '8', '--device', 'cpu', '--n_layer', '2',
+                  '--log_interval', '1', '--batch_size', '4']
+
+        def torchrun(out, *launch, script='train.py'):  # started, not waited for
+            # restarts: without it, torch 2.5+ may hand a restarted rank its peer's old address
+            env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE='1')
+            return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', *launch,
+                                     script, *common, '--out_dir', f'{d}/{out}'], cwd=HERE,
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+
+        def done(p):  # -> stdout and stderr, of a job that ended well
+            out, err = p.communicate(timeout=180)
+            assert p.returncode == 0, err[-2000:]
+            return out + err
+        with socket.socket() as sock:           # a free port for the two nodes' rendezvous
+            sock.bind(('127.0.0.1', 0))
+            port = sock.getsockname()[1]
+        nodes = [torchrun('nodes', '--nnodes=2', f'--node_rank={r}', '--nproc_per_node=1',
+                          '--master_addr=127.0.0.1', f'--master_port={port}') for r in (0, 1)]
+        node0, _ = done(nodes[0]), done(nodes[1])
+        r = run('train.py', *common[:-1], '8', '--out_dir', f'{d}/one')
+        assert r.returncode == 0, r.stderr[-2000:]
+        one, two = r.stdout, done(torchrun('two', '--standalone', '--nproc_per_node=2'))
+        _put(f'{d}/kill.py', KILL_RANK_1.format(here=HERE, ckpt=f'{d}/restart/ckpt.pt').encode())
+        restart = done(torchrun('restart', '--standalone', '--nproc_per_node=2',
+                                '--max-restarts=1', script=f'{d}/kill.py'))
+        a, b = (torch.load(f'{d}/{n}/ckpt.pt', weights_only=True)['model'] for n in ('two', 'one'))
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-        test = [[ln for ln in r.stdout.splitlines() if ln.startswith('test:')] for r in (r1, r2)]
-        assert test[0] == test[1] != [], test  # metrics are sums over ranks, not rank 0's share
+        test = [[ln for ln in out.splitlines() if ln.startswith('test:')]
+                for out in (one, two, node0, restart)]
+        assert test[0] == test[1] == test[2] == test[3] != [], test   # sums over ranks
+        steps = [[ln.split(' | ')[:2] for ln in out.splitlines() if ln.startswith('step ')]
+                 for out in (two, node0, restart)]
+        assert steps[0] == steps[1] and steps[0][3:] == steps[2][-3:], steps
+        assert 'resuming' in restart and 'exitcode: -9' in restart, restart   # SIGKILL
         _put(f'{d}/fail.py', f'import os, sys; sys.path.insert(0, {HERE!r}); import data, train\n'
              "if os.environ['RANK'] == '1':\n    data.Examples.batch = None   # rank 1 raises\n"
              'train.main(sys.argv[1:])\n'.encode())
         t0 = time.time()                        # one rank fails: the whole job ends, no hang
-        r = run('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', f'{d}/fail.py',
-                *common, '--out_dir', f'{d}/fail')
-        assert r.returncode != 0 and time.time() - t0 < 60, r.stderr[-2000:]
+        p = torchrun('fail', '--standalone', '--nproc_per_node=2', script=f'{d}/fail.py')
+        assert p.wait(timeout=60) != 0 and time.time() - t0 < 60
 
 
 # ----------------------------------------------------------------------------- language modelling
@@ -671,7 +723,17 @@ def test_bad_input_exits_2_with_one_line():
         torch.save(dict(model={}, model_cfg=vars(ModelConfig('xl')), train_cfg={}), f'{d}/xl.pt')
         _put(f'{d}/cut.pt', open(f'{d}/xl.pt', 'rb').read()[:300])     # truncated
         _put(f'{d}/empty.txt', b'')
+        _put(f'{d}/big.txt', b'x' * 120_000)
+        os.makedirs(f'{d}/r')
+        os.link(f'{d}/xl.pt', f'{d}/r/ckpt.pt')                          # no training state
+        text = f'--task text --data_path {d}/big.txt'
         for args in (f'--task text --data_path {d}/empty.txt', '--arch rmt --n_mem_tokens 0',
+                     f'{text} --seg_len 100000 --mem_len 100000 --batch_size 1',  # 2.6 TB
+                     f'{text} --batch_size 100000', f'{text} --mode sample --top_k -5',
+                     '--task enwik8 --data_dir /proc/x', '--out_dir /proc/x', '--task imagenet',
+                     f'--resume --out_dir {d}/r', f'--resume --init_from {d}/xl.pt',
+                     '--eval_examples -5', '--warmup_iters -5', '--sample_len 0',
+                     '--temperature nan', '--resume maybe',
                      '--task text --data_path /nonexistent', f'--init_from {d}/xl.pt --arch rmt',
                      '--init_from /nonexistent.pt', '--arch mt --n_mem_tokens=0', '--dropout 1.5',
                      f'--init_from {d}/empty.txt', f'--resume --out_dir {d}', '--cutoffs 100,5',
@@ -693,39 +755,63 @@ def test_preset_choice_quick_default_on_every_device():
 
 # ----------------------------------------------------------------------------- reliability
 def test_sigkill_sigterm_resume_exactly_and_nonfinite_stop():
-    def train(*args, wait=True):
-        cmd = [sys.executable, 'train.py', '--task', 'text', '--data_path', f'{d}/t.txt',
-               *'--arch xl_rmt --n_layer 1 --d_model 32 --d_head 16 --d_inner 64 --seg_len 16 '
-               '--mem_len 16 --n_mem_tokens 2 --batch_size 4 --eval_interval 3 --log_interval 1 '
-               '--eval_tokens 200 --schedule plateau'.split(), *args]
-        return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=120) if wait \
-            else subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, text=True)
+    def flags(*args):
+        return ['--task', 'text', '--data_path', f'{d}/t.txt', *'--arch xl_rmt --n_layer 1 '
+                '--d_model 32 --d_head 16 --d_inner 64 --seg_len 16 --mem_len 16 --n_mem_tokens 2 '
+                '--batch_size 4 --eval_interval 3 --log_interval 1 --eval_tokens 200 --schedule '
+                'plateau'.split(), *args]
+
+    def start(*args, wait=True):  # train.py in a subprocess
+        cmd = [sys.executable, 'train.py', *flags(*args)]
+        if wait:
+            return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=120)
+        return subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, text=True)
 
     def losses(r):
         return dict(ln.split(' | ')[:2] for ln in r.stdout.splitlines() if ln.startswith('step '))
     with tempfile.TemporaryDirectory() as d:
         _put(f'{d}/t.txt', open(os.path.join(HERE, 'train.py'), 'rb').read() * 20)
-        full = train('--max_iters', '12', '--out_dir', f'{d}/a')
-        p = train('--max_iters', '100000', '--out_dir', f'{d}/b', wait=False)
+        full = start('--max_iters', '12', '--out_dir', f'{d}/a')
+        p = start('--max_iters', '100000', '--out_dir', f'{d}/b', wait=False)
         while not os.path.exists(f'{d}/b/ckpt.pt') and p.poll() is None:
             time.sleep(0.05)
         p.kill()                                       # SIGKILL: no chance to clean up
         p.communicate()
         step = torch.load(f'{d}/b/ckpt.pt', weights_only=True)['step']
+        _put(f'{d}/b/ckpt.pt.tmp99', b'a write that a kill cut short')
         res = run('train.py', '--resume', '--out_dir', f'{d}/b', '--max_iters', '12')
         a, b = losses(full), losses(res)
         assert step < 12 and set(b) == {f'step {s}' for s in range(step + 1, 13)}, res.stderr
         assert all(a[k] == b[k] for k in b), (a, b)     # memory, RNG, stream position restored
+        assert not os.path.exists(f'{d}/b/ckpt.pt.tmp99')
+        code, out, err = train_main(*flags('--max_iters', '12', '--out_dir', f'{d}/a'))  # again
+        assert code == 0 and f'resuming {d}/a/ckpt.pt at step 12 of 12' in out, err
+        assert out.splitlines()[-1] == full.stdout.splitlines()[-1] and 'test:' in out
+        for args, why in (('--max_iters 13', 'other flags (max_iters)'),
+                          ('--resume --seed 5', '--seed cannot change'),
+                          ('--resume --batch_size 2', '--batch_size cannot change'),
+                          ('--resume maybe', '--resume takes')):
+            code, out, err = train_main(*flags(*args.split(), '--out_dir', f'{d}/a'))
+            assert code == 2 and why in err and len(err.splitlines()) == 1, (args, err)
+        with open(f'{d}/a/lock') as f:                 # another run holds the lock
+            fcntl.flock(f, fcntl.LOCK_EX)
+            code, out, err = train_main(*flags('--resume', '--out_dir', f'{d}/a'))
+            assert code == 2 and 'another run is training' in err, err
+        ckpt = torch.load(f'{d}/a/ckpt.pt', weights_only=True)   # fine-tuning writes elsewhere
+        assert train.make_configs({'init_from': 'a.pt'}, ckpt, 'a.pt')[1].out_dir == 'out'
+        code, out, err = train_main(*flags('--max_iters', '99', '--lr', '1e30', '--grad_clip', '0',
+                                           '--dtype', 'float16', '--out_dir', f'{d}/f'))
+        assert code == 1 and 'non-finite' in err, (code, err)   # fp16: the scaler's steps too
         r = run('train.py', '--resume', '--out_dir', f'{d}/b', '--max_iters', '99', '--lr', '1e30',
                 '--grad_clip', '0')
         assert r.returncode == 1 and 'non-finite' in r.stderr and 'Traceback' not in r.stderr
         assert f'{d}/b/ckpt.pt: resume it' in r.stderr, r.stderr
-        r = train('--max_iters', '99', '--lr', '1e30', '--grad_clip', '0', '--out_dir', f'{d}/e')
+        r = start('--max_iters', '99', '--lr', '1e30', '--grad_clip', '0', '--out_dir', f'{d}/e')
         assert r.returncode == 1 and 'no checkpoint was written yet' in r.stderr, r.stderr
         assert not os.path.exists(f'{d}/e/ckpt.pt')
         ckpt = torch.load(f'{d}/b/ckpt.pt', weights_only=True)  # the last good one survived
         assert ckpt['step'] == 12 and all(v.isfinite().all() for v in ckpt['model'].values())
-        p = train(*f'--max_iters 100000 --eval_interval 100000 --out_dir {d}/c'.split(), wait=False)
+        p = start(*f'--max_iters 100000 --eval_interval 100000 --out_dir {d}/c'.split(), wait=False)
         while 'step ' not in (line := p.stdout.readline()):
             assert line, 'the run ended early'
         p.terminate()                                  # SIGTERM: checkpoint, then exit

@@ -4,22 +4,21 @@ on a CPU, one GPU or many GPUs; flags override the task's preset. No flags: RMT 
   python train.py --mode bench --task enwik8 --preset enwik8 --batch_size 8   # speed, one line
 """
 import ctypes
-import fcntl
 import math
 import os
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
+import checkpoint
 import data
-import memory
 from model import MemTransformer, ModelConfig
 
 
@@ -131,11 +130,6 @@ def choose_preset(given):  # -> (preset name, why it was chosen: the log's first
     return f'{task}_cpu', f'--task {task} on a CPU: the small setting; --preset {task} is the paper'
 
 
-# what a resumed run may change: the loop's knobs, never the model, the data or the streams
-RESUMABLE = ('mode', 'lr', 'warmup_iters', 'grad_clip', 'max_iters', 'eval_interval',
-             'eval_examples', 'eval_tokens', 'log_interval', 'device', 'dtype', 'compile',
-             'bench_iters', 'out_dir', 'resume', 'skip_nonfinite', 'sample_len', 'temperature',
-             'top_k', 'prompt', 'dropout', 'dropatt')
 # the lowest allowed value of a number (nan fails the comparison, so it is refused too)
 AT_LEAST = dict(seq_len=1, batch_size=1, grad_accum=1, max_iters=1, eval_interval=1,
                 log_interval=1, bench_iters=1, sample_len=1, eval_examples=0, eval_tokens=0,
@@ -143,8 +137,8 @@ AT_LEAST = dict(seq_len=1, batch_size=1, grad_accum=1, max_iters=1, eval_interva
 
 
 def make_configs(given, ckpt=None, path='', resuming=False):
-    """-> (ModelConfig, TrainConfig, why): defaults <- preset <- flags, or a checkpoint's <- flags.
-    A resumed run keeps its checkpoint's settings but the RESUMABLE ones; a run that starts from
+    """-> (ModelConfig, TrainConfig, why): defaults <- preset <- flags, or a checkpoint's <- flags
+    (checkpoint.choose_start has checked what a resumed run may change). A run that starts from
     --init_from weights writes to its own --out_dir, never into the checkpoint's."""
     tasks = data.ALGO_TASKS + data.LM_TASKS
     if given.get('task', 'copy') not in tasks:
@@ -154,11 +148,6 @@ def make_configs(given, ckpt=None, path='', resuming=False):
         tc.pop('resume', None)
         if not resuming:
             tc['out_dir'] = TrainConfig.out_dir
-        for k, v in given.items():
-            old = {**tc, **mc}.get(k, v)
-            if resuming and k not in RESUMABLE and v != old:
-                die(f'--{k} cannot change when a run resumes ({path} has {old!r}): drop the flag, '
-                    'or start a new run with --resume false or another --out_dir')
         if given.get('arch', mc['arch']) != mc['arch']:
             die(f"the checkpoint holds an '{mc['arch']}' model, not '{given['arch']}': "
                 'drop --arch or use another checkpoint')
@@ -193,55 +182,6 @@ def make_configs(given, ckpt=None, path='', resuming=False):
     except (TypeError, ValueError) as e:
         die(str(e))
     return mcfg, tcfg, why
-
-
-def load_checkpoint(path, resume=False):
-    if not os.path.isfile(path):
-        if resume:
-            die(f'no checkpoint to resume at {path}: start without --resume or fix --out_dir')
-        die(f'no checkpoint at {path}: train first, or pass --init_from PATH')
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        die(f'{path} is not a readable checkpoint ({type(e).__name__}): use another file')
-    if not isinstance(ckpt, dict) or not {'model', 'model_cfg', 'train_cfg'} <= ckpt.keys():
-        die(f'{path} is not a checkpoint of this codebase: use another file')
-    lacks = {'optimizer', 'scheduler', 'step', 'best_val', 'ranks', 'data', 'loader'} - ckpt.keys()
-    if resume and lacks:
-        die(f"{path} holds no complete training state (no {', '.join(sorted(lacks))}): start a "
-            'new run with --resume false or another --out_dir')
-    return ckpt
-
-
-def run_flags(given):  # the flags that make a run what it is: not where it lives, nor how it starts
-    return {k: v for k, v in given.items() if k not in ('resume', 'out_dir')}
-
-
-def choose_start(given):
-    """-> (checkpoint or None, its path, resuming?). Training continues out_dir's ckpt.pt with
-    --resume true, and with auto when the same flags started that run (as a torchrun restart
-    does); auto starts anew when out_dir holds no run and refuses when it holds another. A new
-    run, --mode eval or sample starts from the weights of --init_from, if given."""
-    how, init = given.get('resume', 'auto'), given.get('init_from', '')
-    if how not in ('auto', 'true', 'false'):
-        die(f"--resume takes auto, true or false, not '{how}'")
-    last = os.path.join(given.get('out_dir', TrainConfig.out_dir), 'ckpt.pt')
-    if how == 'true' and init:
-        die('--resume continues the run in --out_dir, --init_from starts a new one: give one')
-    if how == 'true':
-        return load_checkpoint(last, resume=True), last, True
-    if given.get('mode', 'train') == 'train' and how == 'auto' and os.path.exists(last):
-        run = load_checkpoint(last, resume=True)
-        flags, theirs = run_flags(given), run.get('flags', {})
-        diff = sorted(k for k in flags.keys() | theirs.keys() if flags.get(k) != theirs.get(k))
-        if diff or 'flags' not in run:
-            die(f"{last} holds a run started with other flags ({', '.join(diff) or 'unknown'}):"
-                ' continue it with --resume true, replace it with --resume false, or give '
-                'another --out_dir')
-        return run, last, True
-    if init:
-        return load_checkpoint(init), init, False
-    return None, '', False
 
 
 # ----------------------------------------------------------------------------- DDP / device
@@ -301,39 +241,6 @@ def reduce(vals, env):  # sum over ranks: sums, never means of means
     return t.tolist()
 
 
-def agree_on_start(step, env):
-    """Only rank 0 writes checkpoints, so every node must see the same out_dir (a shared file
-    system). Ranks that would resume different steps (or one none) stop together, here."""
-    steps = [step] * env.world
-    if env.ddp:
-        dist.all_gather_object(steps, step)
-    if len(set(steps)) > 1:
-        die(f'the ranks see different checkpoints in the --out_dir (steps {steps}): every node '
-            'must see the same --out_dir, on a shared file system')
-
-
-def claim_out_dir(tcfg, env):
-    """Rank 0 of a training run checks at start that out_dir is writable and locks it while this
-    process lives, so a second run there stops at once. The operating system releases the lock
-    when the process ends, SIGKILL included, so a restart is never blocked. Temp files of writes
-    that a kill interrupted are removed: no other run writes here."""
-    if not env.master:
-        return None
-    try:
-        os.makedirs(tcfg.out_dir, exist_ok=True)
-        lock = open(os.path.join(tcfg.out_dir, 'lock'), 'w')
-    except OSError as e:
-        die(f'cannot write to --out_dir {tcfg.out_dir} ({e.strerror}): give a writable one')
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        die(f'another run is training in {tcfg.out_dir}: let it end, or give another --out_dir')
-    for name in os.listdir(tcfg.out_dir):
-        if '.pt.tmp' in name:
-            os.remove(os.path.join(tcfg.out_dir, name))
-    return lock                                  # kept open: closing it would release the lock
-
-
 # ----------------------------------------------------------------------------- data
 @dataclass
 class Data:
@@ -348,29 +255,25 @@ def load_data(tcfg, mcfg, env):
     batch_size * grad_accum examples (or LM streams) per rank, split into grad_accum chunks in
     train_step (Transformer-XL's batch_chunk)."""
     rows = tcfg.batch_size * tcfg.grad_accum
-    try:
-        if tcfg.task in data.ALGO_TASKS:
-            spec = data.task_spec(tcfg.task, tcfg.seq_len)
-            splits = data.make_splits(tcfg.task, tcfg.seq_len, tcfg.seed)
-            mcfg.vocab_size = spec['vocab_size']
-            loaders = {s: data.Examples(a, spec['ans_len'], rows, env.rank, env.world, tcfg.seed)
-                       for s, a in splits.items()}
-            checksums = {s: data.split_checksum(a) for s, a in splits.items()}
-            env.print('data:', ', '.join(f'{s} {len(splits[s])} ({c})'
-                                         for s, c in checksums.items()))
-            return Data(loaders, checksums, spec=spec)
-        if env.ddp and not env.master:
-            dist.barrier()                       # rank 0 prepares the files, the others wait
-        corpus = data.load_corpus(tcfg.task, tcfg.data_dir, tcfg.data_path or None)
-        if env.ddp and env.master:
-            dist.barrier()
-        mcfg.vocab_size, mcfg.cutoffs = corpus.vocab_size, tuple(corpus.cutoffs or ())
-        window = mcfg.seg_len * (mcfg.bptt_depth + 1)   # BPTT-k: k+1 segments per step
-        loaders = {s: data.Stream(getattr(corpus, s), rows, 0, env.rank, env.world)
-                   for s in ('val', 'test')}     # evaluated by windows of seg_len
-        loaders['train'] = data.Stream(corpus.train, rows, window, env.rank, env.world)
-    except data.DataError as e:
-        die(str(e))
+    if tcfg.task in data.ALGO_TASKS:
+        spec = data.task_spec(tcfg.task, tcfg.seq_len)
+        splits = data.make_splits(tcfg.task, tcfg.seq_len, tcfg.seed)
+        mcfg.vocab_size = spec['vocab_size']
+        loaders = {s: data.Examples(a, spec['ans_len'], rows, env.rank, env.world, tcfg.seed)
+                   for s, a in splits.items()}
+        checksums = {s: data.split_checksum(a) for s, a in splits.items()}
+        env.print('data:', ', '.join(f'{s} {len(splits[s])} ({c})' for s, c in checksums.items()))
+        return Data(loaders, checksums, spec=spec)
+    if env.ddp and not env.master:
+        dist.barrier()                           # rank 0 prepares the files, the others wait
+    corpus = data.load_corpus(tcfg.task, tcfg.data_dir, tcfg.data_path or None)
+    if env.ddp and env.master:
+        dist.barrier()
+    mcfg.vocab_size, mcfg.cutoffs = corpus.vocab_size, tuple(corpus.cutoffs or ())
+    window = mcfg.seg_len * (mcfg.bptt_depth + 1)   # BPTT-k: k+1 segments per step
+    loaders = {s: data.Stream(getattr(corpus, s), rows, 0, env.rank, env.world)
+               for s in ('val', 'test')}         # evaluated by windows of seg_len
+    loaders['train'] = data.Stream(corpus.train, rows, window, env.rank, env.world)
     checksums = {s: data.split_checksum(getattr(corpus, s)) for s in data.SPLITS}
     return Data(loaders, checksums, corpus=corpus)
 
@@ -426,61 +329,6 @@ def make_optimizer(model, tcfg, env):
     else:
         scheduler = LambdaLR(optimizer, cosine)
     return optimizer, scheduler
-
-
-def restore(ckpt, path, given, model, optimizer, scheduler, dat, tcfg, env):
-    """Training state of a checkpoint, for this rank -> (step, best val loss, LM memory)."""
-    if len(ckpt['ranks']) != env.world:
-        die(f"{path} was written by {len(ckpt['ranks'])} processes: resume with as many")
-    if ckpt['data'] != dat.checksums:            # older versions stored only LM split lengths
-        die(f'the data differ from those {path} was trained on (other file or contents): '
-            'restore them, or start a new run with --resume false or another --out_dir')
-    mine = ckpt['ranks'][env.rank]
-    optimizer.load_state_dict(ckpt['optimizer'])
-    scheduler.load_state_dict(ckpt['scheduler'])
-    if 'lr' in given:                            # a new --lr wins over the checkpoint's
-        optimizer.param_groups[0]['lr'], scheduler.base_lrs = tcfg.lr, [tcfg.lr]
-    torch.set_rng_state(mine['rng'])
-    if env.cuda and mine['cuda_rng'] is not None:
-        torch.cuda.set_rng_state(mine['cuda_rng'])
-    dat.loaders['train'].load_state_dict(ckpt['loader'])
-    return ckpt['step'], ckpt['best_val'], [memory.to_device(s, env.device) for s in mine['memory']]
-
-
-def save_checkpoint(name, step, best_val, states, flags, model, optimizer, scheduler, mcfg, tcfg,
-                    dat, env):
-    """All it takes to continue exactly. Every rank sends its RNG and memory, rank 0 writes:
-    temp file, fsync, rename, so a crash never leaves a torn checkpoint."""
-    mine = dict(rng=torch.get_rng_state(), memory=[],
-                cuda_rng=torch.cuda.get_rng_state() if env.cuda else None)
-    for s in states:                             # plain tuples: weights_only reads no namedtuple
-        mine['memory'].append(None if s is None else tuple(memory.to_device(s, 'cpu')))
-    ranks = [mine] * env.world
-    if env.ddp:
-        dist.all_gather_object(ranks, mine)
-    if not env.master:
-        return
-    dest = os.path.join(tcfg.out_dir, name)
-    tmp = f'{dest}.tmp{os.getpid()}'
-    try:
-        os.makedirs(tcfg.out_dir, exist_ok=True)
-        with open(tmp, 'wb') as f:
-            torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), model_cfg=asdict(mcfg),
-                            train_cfg=asdict(tcfg), step=step, best_val=best_val, ranks=ranks,
-                            data=dat.checksums, loader=dat.loaders['train'].state_dict(),
-                            flags=flags), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except (OSError, RuntimeError) as e:         # torch.save reports a full disk as RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        kept = 'no checkpoint was written yet'
-        if os.path.exists(dest):
-            kept = f'{dest} holds the previous one, intact'
-        die(f'could not write {dest} ({type(e).__name__}: {str(e).splitlines()[0][:80]}): '
-            f'free disk space or change --out_dir; {kept}')
 
 
 # ----------------------------------------------------------------------------- train, evaluate
@@ -611,19 +459,27 @@ def stop_final_test(signum, frame):
 
 # ----------------------------------------------------------------------------- main
 def main(argv):
+    """Bad data and checkpoints, wherever they are found, end in one line that names the fix."""
+    try:
+        run(argv)
+    except (data.DataError, checkpoint.CheckpointError) as e:
+        die(str(e))
+
+
+def run(argv):
     if '--help' in argv or '-h' in argv:
         for c in (ModelConfig, TrainConfig):
             print(' '.join(f'--{f.name} {f.default!r}' for f in fields(c)))
         return
     # config: defaults <- preset <- flags, or a checkpoint's configs <- flags
     given = parse_flags(argv)
-    ckpt, path, resuming = choose_start(given)
+    ckpt, path, resuming = checkpoint.choose_start(given, given.get('out_dir', TrainConfig.out_dir))
     mcfg, tcfg, why = make_configs(given, ckpt, path, resuming)
     env = setup(tcfg)
-    agree_on_start(ckpt['step'] if resuming else 0, env)
+    checkpoint.agree_on_start(ckpt['step'] if resuming else 0, env)
     if tcfg.mode == 'train':
         env.print(f'preset {tcfg.preset} ({why})')
-        lock = claim_out_dir(tcfg, env)          # held until this process ends
+        lock = checkpoint.claim_out_dir(tcfg.out_dir, env)   # held until this process ends
     dat = load_data(tcfg, mcfg, env)
     check_fits(mcfg, tcfg, dat, env)
     model = MemTransformer(mcfg).to(env.device)
@@ -637,8 +493,8 @@ def main(argv):
     # LM: each micro-step's streams carry their memory from step to step
     start, best_val, states = 0, float('inf'), [None] * tcfg.grad_accum
     if resuming:
-        start, best_val, states = restore(ckpt, path, given, model, optimizer, scheduler, dat,
-                                          tcfg, env)
+        start, best_val, states = checkpoint.restore(ckpt, path, given, optimizer, scheduler, dat,
+                                                     tcfg, env)
         env.print(f'resuming {path} at step {start} of {tcfg.max_iters}')
     if tcfg.compile:     # each segment is one graph; shapes settle after the first segments
         model.segment = torch.compile(model.segment)
@@ -665,7 +521,7 @@ def main(argv):
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     env.print(f'task {tcfg.task} | arch {mcfg.arch} | {n_params:.2f}M params | '
               f'world {env.world} | device {env.device}')
-    flags = run_flags(given)                     # stored with the run, for --resume auto
+    flags = checkpoint.run_flags(given)          # stored with the run, for --resume auto
     if resuming:
         flags = {**ckpt.get('flags', {}), **flags}
     ckpt_args = (flags, model, optimizer, scheduler, mcfg, tcfg, dat, env)
@@ -708,15 +564,15 @@ def main(argv):
             env.print(f'val step {step}: {metrics}', flush=True)
             if val_loss < best_val:
                 best_val = val_loss
-                save_checkpoint('best.pt', step, best_val, states, *ckpt_args)
-            save_checkpoint('ckpt.pt', step, best_val, states, *ckpt_args)
+                checkpoint.save('best.pt', step, best_val, states, *ckpt_args)
+            checkpoint.save('ckpt.pt', step, best_val, states, *ckpt_args)
             t0 = time.time()
         # a signal on any rank: every rank stops at this step, after one checkpoint
         stop = len(signals)
         if env.ddp:
             stop = reduce([stop], env)[0]
         if stop:
-            save_checkpoint('ckpt.pt', step, best_val, states, *ckpt_args)
+            checkpoint.save('ckpt.pt', step, best_val, states, *ckpt_args)
             env.print(f'stopped by a signal at step {step}: the same command continues the run',
                       flush=True)
             sys.exit(128 + (signals[0] if signals else signal.SIGTERM))
