@@ -457,41 +457,21 @@ def test_free_running_exact_and_tiny_rmt_learns_copy_baseline_cannot():
     assert rmt > 0.9 and base < 0.3, (rmt, base)
 
 
-KILL_RANK_1 = """import os, signal, sys, time
-sys.path.insert(0, {here!r})
-import checkpoint, train
-save = checkpoint.save
-
-
-def save_then_die(name, *args):  # rank 1, first attempt: SIGKILL once rank 0 has written ckpt.pt
-    save(name, *args)
-    first = os.environ['TORCHELASTIC_RESTART_COUNT'] == '0'
-    if name == 'ckpt.pt' and os.environ['RANK'] == '1' and first:
-        while not os.path.exists({ckpt!r}):
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-checkpoint.save = save_then_die
-train.main(sys.argv[1:])
-"""
-
-
 def test_torchrun_two_processes_two_nodes_and_a_restart_equal_one_process():
     """2 processes == 1 with their joint batch; 2 nodes on loopback == 2 processes on one node; a
     rank SIGKILLed after the first checkpoint, under --max-restarts 1: torchrun reruns the command,
-    which resumes (--resume auto) and ends with the uninterrupted metrics. A failing rank ends the
-    whole job, no hang."""
+    which resumes (--resume auto) and ends with the uninterrupted metrics (the dead rank's peer
+    fails too, no hang)."""
     with tempfile.TemporaryDirectory() as d:
         common = ['--dropout', '0', '--max_iters', '6', '--eval_interval', '3', '--dtype',
                   'float32', '--eval_examples', '8', '--device', 'cpu', '--n_layer', '2',
                   '--log_interval', '1', '--batch_size', '4']
 
-        def torchrun(out, *launch, script='train.py'):  # started, not waited for
+        def torchrun(out, *launch):  # started, not waited for
             # restarts: without it, torch 2.5+ may hand a restarted rank its peer's old address
             env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE='1')
             return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', *launch,
-                                     script, *common, '--out_dir', f'{d}/{out}'], cwd=HERE,
+                                     'train.py', *common, '--out_dir', f'{d}/{out}'], cwd=HERE,
                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True)
 
@@ -508,9 +488,13 @@ def test_torchrun_two_processes_two_nodes_and_a_restart_equal_one_process():
         r = run('train.py', *common[:-1], '8', '--out_dir', f'{d}/one')
         assert r.returncode == 0, r.stderr[-2000:]
         one, two = r.stdout, done(torchrun('two', '--standalone', '--nproc_per_node=2'))
-        _put(f'{d}/kill.py', KILL_RANK_1.format(here=HERE, ckpt=f'{d}/restart/ckpt.pt').encode())
-        restart = done(torchrun('restart', '--standalone', '--nproc_per_node=2',
-                                '--max-restarts=1', script=f'{d}/kill.py'))
+        p = torchrun('restart', '--standalone', '--nproc_per_node=2', '--max-restarts=1')
+        while not os.path.exists(f'{d}/restart/ckpt.pt'):   # then SIGKILL rank 1, as a crash
+            time.sleep(0.01)
+        for pid in open(f'/proc/{p.pid}/task/{p.pid}/children').read().split():
+            if b'\0RANK=1\0' in b'\0' + open(f'/proc/{pid}/environ', 'rb').read():
+                os.kill(int(pid), signal.SIGKILL)
+        restart = done(p)
         a, b = (torch.load(f'{d}/{n}/ckpt.pt', weights_only=True)['model'] for n in ('two', 'one'))
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
         test = [[ln for ln in out.splitlines() if ln.startswith('test:')]
@@ -520,12 +504,6 @@ def test_torchrun_two_processes_two_nodes_and_a_restart_equal_one_process():
                  for out in (two, node0, restart)]
         assert steps[0] == steps[1] and steps[0][3:] == steps[2][-3:], steps
         assert 'resuming' in restart and 'exitcode: -9' in restart, restart   # SIGKILL
-        _put(f'{d}/fail.py', f'import os, sys; sys.path.insert(0, {HERE!r}); import data, train\n'
-             "if os.environ['RANK'] == '1':\n    data.Examples.batch = None   # rank 1 raises\n"
-             'train.main(sys.argv[1:])\n'.encode())
-        t0 = time.time()                        # one rank fails: the whole job ends, no hang
-        p = torchrun('fail', '--standalone', '--nproc_per_node=2', script=f'{d}/fail.py')
-        assert p.wait(timeout=60) != 0 and time.time() - t0 < 60
 
 
 # ----------------------------------------------------------------------------- language modelling
@@ -799,15 +777,13 @@ def test_sigkill_sigterm_resume_exactly_and_nonfinite_stop():
             assert code == 2 and 'another run is training' in err, err
         ckpt = torch.load(f'{d}/a/ckpt.pt', weights_only=True)   # fine-tuning writes elsewhere
         assert train.make_configs({'init_from': 'a.pt'}, ckpt, 'a.pt')[1].out_dir == 'out'
-        code, out, err = train_main(*flags('--max_iters', '99', '--lr', '1e30', '--grad_clip', '0',
-                                           '--dtype', 'float16', '--out_dir', f'{d}/f'))
-        assert code == 1 and 'non-finite' in err, (code, err)   # fp16: the scaler's steps too
         r = run('train.py', '--resume', '--out_dir', f'{d}/b', '--max_iters', '99', '--lr', '1e30',
                 '--grad_clip', '0')
         assert r.returncode == 1 and 'non-finite' in r.stderr and 'Traceback' not in r.stderr
         assert f'{d}/b/ckpt.pt: resume it' in r.stderr, r.stderr
-        r = start('--max_iters', '99', '--lr', '1e30', '--grad_clip', '0', '--out_dir', f'{d}/e')
-        assert r.returncode == 1 and 'no checkpoint was written yet' in r.stderr, r.stderr
+        code, out, err = train_main(*flags(*'--max_iters 99 --lr 1e30 --grad_clip 0 --dtype '
+                                           'float16'.split(), '--out_dir', f'{d}/e'))  # fp16 too
+        assert code == 1 and 'no checkpoint was written yet' in err, err
         assert not os.path.exists(f'{d}/e/ckpt.pt')
         ckpt = torch.load(f'{d}/b/ckpt.pt', weights_only=True)  # the last good one survived
         assert ckpt['step'] == 12 and all(v.isfinite().all() for v in ckpt['model'].values())
