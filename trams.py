@@ -282,8 +282,10 @@ def main(argv):
         die('need --seg_len --batch_size --select_topk --repeat >= 1, --select_recent >= 0 and '
             '--select_recent + --select_topk < --mem_len (else nothing is dropped)')
     layers_ok = all(0 <= i < mc['n_layer'] for i in args.select_layers)
+    layers_ok = layers_ok and -mc['n_layer'] <= args.layer < mc['n_layer']    # -1: the last
     if not layers_ok or not 0 <= args.head < mc['n_head']:
-        die(f"--select_layers / --head out of range: {mc['n_layer']} layers, {mc['n_head']} heads")
+        die(f"--select_layers / --layer / --head out of range: {mc['n_layer']} layers, "
+            f"{mc['n_head']} heads")
     if args.device == 'auto':
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     device = torch.device(args.device)
