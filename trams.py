@@ -13,11 +13,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-import checkpoint
 import data
 import memory
 from model import MemTransformer, ModelConfig, attention, rel_shift
-from train import die
+from train import CheckpointError, die, load_checkpoint
 
 SELECTORS = ('trams', 'trams_paper', 'oracle', 'random', 'none')
 
@@ -261,8 +260,8 @@ def main(argv):
         p.add_argument(name, action='store_true')
     args = p.parse_args(argv)
     try:
-        ckpt = checkpoint.load(args.ckpt)
-    except checkpoint.CheckpointError as e:
+        ckpt = load_checkpoint(args.ckpt)
+    except CheckpointError as e:
         die(str(e))
     mc, tc, task = ckpt['model_cfg'], ckpt['train_cfg'], args.task or ckpt['train_cfg']['task']
     if mc['arch'] != 'xl' or task not in data.LM_TASKS:
