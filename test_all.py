@@ -467,28 +467,33 @@ def test_torchrun_two_processes_two_nodes_and_a_restart_equal_one_process():
                   'float32', '--eval_examples', '8', '--device', 'cpu', '--n_layer', '2',
                   '--log_interval', '1', '--batch_size', '4']
 
-        def torchrun(out, *launch):  # started, not waited for
-            # restarts: without it, torch 2.5+ may hand a restarted rank its peer's old address
-            env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE='1')
-            return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', *launch,
-                                     'train.py', *common, '--out_dir', f'{d}/{out}'], cwd=HERE,
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True)
+        def torchrun(out, *launch, log='', env=None):  # started, not waited for
+            # output to a file, not a pipe: a launcher never blocks on a pipe nobody reads
+            with open(f'{d}/{out}{log}.log', 'w') as f:
+                p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', *launch,
+                                      'train.py', *common, '--out_dir', f'{d}/{out}'], cwd=HERE,
+                                     env=env, stdout=f, stderr=subprocess.STDOUT)
+            p.log = f.name
+            return p
 
-        def done(p):  # -> stdout and stderr, of a job that ended well
-            out, err = p.communicate(timeout=180)
-            assert p.returncode == 0, err[-2000:]
-            return out + err
+        def done(p):  # -> the output of a job that ended well
+            p.wait(timeout=180)
+            out = open(p.log).read()
+            assert p.returncode == 0, out[-2000:]
+            return out
         with socket.socket() as sock:           # a free port for the two nodes' rendezvous
             sock.bind(('127.0.0.1', 0))
             port = sock.getsockname()[1]
         nodes = [torchrun('nodes', '--nnodes=2', f'--node_rank={r}', '--nproc_per_node=1',
-                          '--master_addr=127.0.0.1', f'--master_port={port}') for r in (0, 1)]
+                          '--master_addr=127.0.0.1', f'--master_port={port}', log=r)
+                 for r in (0, 1)]
         node0, _ = done(nodes[0]), done(nodes[1])
         r = run('train.py', *common[:-1], '8', '--out_dir', f'{d}/one')
         assert r.returncode == 0, r.stderr[-2000:]
         one, two = r.stdout, done(torchrun('two', '--standalone', '--nproc_per_node=2'))
-        p = torchrun('restart', '--standalone', '--nproc_per_node=2', '--max-restarts=1')
+        # restarts need it: else torch 2.13 hands the restarted rank its peer's old address
+        env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE='1')
+        p = torchrun('restart', '--standalone', '--nproc_per_node=2', '--max-restarts=1', env=env)
         while not os.path.exists(f'{d}/restart/ckpt.pt'):   # then SIGKILL rank 1, as a crash
             time.sleep(0.01)
         for pid in open(f'/proc/{p.pid}/task/{p.pid}/children').read().split():
