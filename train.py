@@ -342,8 +342,7 @@ def make_optimizer(model, tcfg, env):
 #            ends, however it ends
 # --resume auto (the default) continues ckpt.pt when the same flags made it, which is what a
 # torchrun restart does (it reruns the same command); --resume true continues it with new loop
-# knobs (RESUMABLE); --resume false starts anew. A problem raises CheckpointError, which main prints
-# as one line (exit 2).
+# knobs (RESUMABLE); --resume false starts anew. A problem ends in one line (exit 2).
 
 # what a resumed run may change: the loop's knobs, never the model, the data or the streams
 RESUMABLE = ('mode', 'lr', 'warmup_iters', 'grad_clip', 'max_iters', 'eval_interval',
@@ -352,29 +351,23 @@ RESUMABLE = ('mode', 'lr', 'warmup_iters', 'grad_clip', 'max_iters', 'eval_inter
              'top_k', 'prompt', 'dropout', 'dropatt')
 
 
-class CheckpointError(Exception):
-    """A missing, unreadable or mismatched checkpoint, or an out_dir that cannot be used."""
-
-
 def load_checkpoint(path, resume=False):
     """The checkpoint dict at path (on the CPU); resume: it must hold a whole training state."""
     if not os.path.isfile(path):
         if resume:
-            raise CheckpointError(f'no checkpoint to resume at {path}: start without --resume '
-                                  'or fix --out_dir')
-        raise CheckpointError(f'no checkpoint at {path}: train first, or pass --init_from PATH')
+            die(f'no checkpoint to resume at {path}: start without --resume or fix --out_dir')
+        die(f'no checkpoint at {path}: train first, or pass --init_from PATH')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise CheckpointError(f'{path} is not a readable checkpoint ({type(e).__name__}): use '
-                              'another file') from None
+        die(f'{path} is not a readable checkpoint ({type(e).__name__}): use another file')
     if not isinstance(ckpt, dict) or not {'model', 'model_cfg', 'train_cfg'} <= ckpt.keys():
-        raise CheckpointError(f'{path} is not a checkpoint of this codebase: use another file')
+        die(f'{path} is not a checkpoint of this codebase: use another file')
     lacks = {'optimizer', 'scheduler', 'step', 'best_val', 'ranks', 'data', 'loader'} - ckpt.keys()
     if resume and lacks:
-        raise CheckpointError(f"{path} holds no complete training state (no "
-                              f"{', '.join(sorted(lacks))}): start a new run with --resume false "
-                              'or another --out_dir')
+        die(f"{path} holds no complete training state (no "
+            f"{', '.join(sorted(lacks))}): start a new run with --resume false "
+            'or another --out_dir')
     return ckpt
 
 
@@ -389,28 +382,27 @@ def choose_start(given, out_dir):
     A new run, --mode eval or sample starts from the weights of --init_from, if given."""
     how, init = given.get('resume', 'auto'), given.get('init_from', '')
     if how not in ('auto', 'true', 'false'):
-        raise CheckpointError(f"--resume takes auto, true or false, not '{how}'")
+        die(f"--resume takes auto, true or false, not '{how}'")
     last = os.path.join(out_dir, 'ckpt.pt')
     if how == 'true' and init:
-        raise CheckpointError('--resume continues the run in --out_dir, --init_from starts a new '
-                              'one: give one of them')
+        die('--resume continues the run in --out_dir, --init_from starts a new one: give one')
     if how == 'true':
         run = load_checkpoint(last, resume=True)
         settings = {**run['train_cfg'], **run['model_cfg']}
         for k, v in given.items():
             if k not in RESUMABLE and v != settings.get(k, v):
-                raise CheckpointError(f'--{k} cannot change when a run resumes ({last} has '
-                                      f'{settings[k]!r}): drop the flag, or start a new run with '
-                                      '--resume false or another --out_dir')
+                die(f'--{k} cannot change when a run resumes ({last} has '
+                    f'{settings[k]!r}): drop the flag, or start a new run with '
+                    '--resume false or another --out_dir')
         return run, last, True
     if given.get('mode', 'train') == 'train' and how == 'auto' and os.path.exists(last):
         run = load_checkpoint(last, resume=True)
         flags, theirs = run_flags(given), run.get('flags', {})
         diff = sorted(k for k in flags.keys() | theirs.keys() if flags.get(k) != theirs.get(k))
         if diff or 'flags' not in run:
-            raise CheckpointError(f"{last} holds a run made with other flags "
-                                  f"({', '.join(diff) or 'unknown'}): continue it with --resume "
-                                  'true, replace it with --resume false, or give another --out_dir')
+            die(f"{last} holds a run made with other flags "
+                f"({', '.join(diff) or 'unknown'}): continue it with --resume "
+                'true, replace it with --resume false, or give another --out_dir')
         return run, last, True
     if init:
         return load_checkpoint(init), init, False
@@ -428,13 +420,11 @@ def claim_out_dir(out_dir, env):
         os.makedirs(out_dir, exist_ok=True)
         lock = open(os.path.join(out_dir, 'lock'), 'w')
     except OSError as e:
-        raise CheckpointError(f'cannot write to --out_dir {out_dir} ({e.strerror}): give a '
-                              'writable one') from None
+        die(f'cannot write to --out_dir {out_dir} ({e.strerror}): give a writable one')
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        raise CheckpointError(f'another run is training in {out_dir}: let it end, or give '
-                              'another --out_dir') from None
+        die(f'another run is training in {out_dir}: let it end, or give another --out_dir')
     for name in os.listdir(out_dir):
         if '.pt.tmp' in name:
             os.remove(os.path.join(out_dir, name))
@@ -448,20 +438,19 @@ def agree_on_start(step, env):
     if env.ddp:
         dist.all_gather_object(steps, step)
     if len(set(steps)) > 1:
-        raise CheckpointError(f'the ranks see different checkpoints in --out_dir (steps {steps}):'
-                              ' every node must see the same --out_dir, on a shared file system')
+        die(f'the ranks see different checkpoints in --out_dir (steps {steps}):'
+            ' every node must see the same --out_dir, on a shared file system')
 
 
 def restore(ckpt, path, given, optimizer, scheduler, dat, tcfg, env):
     """Training state of a checkpoint, for this rank -> (step, best val loss, LM memory). The
     weights are loaded by the caller, as for --init_from."""
     if len(ckpt['ranks']) != env.world:
-        raise CheckpointError(f"{path} was written by {len(ckpt['ranks'])} processes: resume "
-                              'with as many')
+        die(f"{path} was written by {len(ckpt['ranks'])} processes: resume with as many")
     if ckpt['data'] != dat.checksums:            # older versions stored only LM split lengths
-        raise CheckpointError(f'the data differ from those {path} was trained on (another file '
-                              'or other contents): restore them, or start a new run with '
-                              '--resume false or another --out_dir')
+        die(f'the data differ from those {path} was trained on (another file '
+            'or other contents): restore them, or start a new run with '
+            '--resume false or another --out_dir')
     mine = ckpt['ranks'][env.rank]
     optimizer.load_state_dict(ckpt['optimizer'])
     scheduler.load_state_dict(ckpt['scheduler'])
@@ -506,9 +495,8 @@ def save_checkpoint(name, step, best_val, states, flags, model, optimizer, sched
         kept = 'no checkpoint was written yet'
         if os.path.exists(dest):
             kept = f'{dest} holds the previous one, intact'
-        raise CheckpointError(f'could not write {dest} ({type(e).__name__}: '
-                              f'{str(e).splitlines()[0][:80]}): free disk space or change '
-                              f'--out_dir; {kept}') from None
+        die(f'could not write {dest} ({type(e).__name__}: '
+            f'{str(e).splitlines()[0][:80]}): free disk space or change --out_dir; {kept}')
 
 
 # ----------------------------------------------------------------------------- train, evaluate
@@ -639,10 +627,10 @@ def stop_final_test(signum, frame):
 
 # ----------------------------------------------------------------------------- main
 def main(argv):
-    """Bad data and checkpoints, wherever they are found, end in one line that names the fix."""
+    """Bad data, wherever it is found, ends in one line that names the fix."""
     try:
         run(argv)
-    except (data.DataError, CheckpointError) as e:
+    except data.DataError as e:
         die(str(e))
 
 

@@ -16,7 +16,7 @@ import torch
 import data
 import memory
 from model import MemTransformer, ModelConfig, attention, rel_shift
-from train import CheckpointError, die, load_checkpoint
+from train import die, load_checkpoint
 
 SELECTORS = ('trams', 'trams_paper', 'oracle', 'random', 'none')
 
@@ -259,10 +259,7 @@ def main(argv):
     for name in ('--select_true_pos', '--show'):
         p.add_argument(name, action='store_true')
     args = p.parse_args(argv)
-    try:
-        ckpt = load_checkpoint(args.ckpt)
-    except CheckpointError as e:
-        die(str(e))
+    ckpt = load_checkpoint(args.ckpt)
     mc, tc, task = ckpt['model_cfg'], ckpt['train_cfg'], args.task or ckpt['train_cfg']['task']
     if mc['arch'] != 'xl' or task not in data.LM_TASKS:
         die(f"TRAMS needs an xl checkpoint and a language-modelling task, not '{mc['arch']}' on "
