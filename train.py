@@ -256,25 +256,29 @@ def load_data(tcfg, mcfg, env):
     batch_size * grad_accum examples (or LM streams) per rank, split into grad_accum chunks in
     train_step (Transformer-XL's batch_chunk)."""
     rows = tcfg.batch_size * tcfg.grad_accum
-    if tcfg.task in data.ALGO_TASKS:
-        spec = data.task_spec(tcfg.task, tcfg.seq_len)
-        splits = data.make_splits(tcfg.task, tcfg.seq_len, tcfg.seed)
-        mcfg.vocab_size = spec['vocab_size']
-        loaders = {s: data.Examples(a, spec['ans_len'], rows, env.rank, env.world, tcfg.seed)
-                   for s, a in splits.items()}
-        checksums = {s: data.split_checksum(a) for s, a in splits.items()}
-        env.print('data:', ', '.join(f'{s} {len(splits[s])} ({c})' for s, c in checksums.items()))
-        return Data(loaders, checksums, spec=spec)
-    if env.ddp and not env.master:
-        dist.barrier()                           # rank 0 prepares the files, the others wait
-    corpus = data.load_corpus(tcfg.task, tcfg.data_dir, tcfg.data_path or None)
-    if env.ddp and env.master:
-        dist.barrier()
-    mcfg.vocab_size, mcfg.cutoffs = corpus.vocab_size, tuple(corpus.cutoffs or ())
-    window = mcfg.seg_len * (mcfg.bptt_depth + 1)   # BPTT-k: k+1 segments per step
-    loaders = {s: data.Stream(getattr(corpus, s), rows, 0, env.rank, env.world)
-               for s in ('val', 'test')}         # evaluated by windows of seg_len
-    loaders['train'] = data.Stream(corpus.train, rows, window, env.rank, env.world)
+    try:
+        if tcfg.task in data.ALGO_TASKS:
+            spec = data.task_spec(tcfg.task, tcfg.seq_len)
+            splits = data.make_splits(tcfg.task, tcfg.seq_len, tcfg.seed)
+            mcfg.vocab_size = spec['vocab_size']
+            loaders = {s: data.Examples(a, spec['ans_len'], rows, env.rank, env.world, tcfg.seed)
+                       for s, a in splits.items()}
+            checksums = {s: data.split_checksum(a) for s, a in splits.items()}
+            env.print('data:', ', '.join(f'{s} {len(splits[s])} ({c})'
+                                         for s, c in checksums.items()))
+            return Data(loaders, checksums, spec=spec)
+        if env.ddp and not env.master:
+            dist.barrier()                           # rank 0 prepares the files, the others wait
+        corpus = data.load_corpus(tcfg.task, tcfg.data_dir, tcfg.data_path or None)
+        if env.ddp and env.master:
+            dist.barrier()
+        mcfg.vocab_size, mcfg.cutoffs = corpus.vocab_size, tuple(corpus.cutoffs or ())
+        window = mcfg.seg_len * (mcfg.bptt_depth + 1)   # BPTT-k: k+1 segments per step
+        loaders = {s: data.Stream(getattr(corpus, s), rows, 0, env.rank, env.world)
+                   for s in ('val', 'test')}         # evaluated by windows of seg_len
+        loaders['train'] = data.Stream(corpus.train, rows, window, env.rank, env.world)
+    except data.DataError as e:
+        die(str(e))
     checksums = {s: data.split_checksum(getattr(corpus, s)) for s in data.SPLITS}
     return Data(loaders, checksums, corpus=corpus)
 
@@ -627,14 +631,6 @@ def stop_final_test(signum, frame):
 
 # ----------------------------------------------------------------------------- main
 def main(argv):
-    """Bad data, wherever it is found, ends in one line that names the fix."""
-    try:
-        run(argv)
-    except data.DataError as e:
-        die(str(e))
-
-
-def run(argv):
     if '--help' in argv or '-h' in argv:
         for c in (ModelConfig, TrainConfig):
             print(' '.join(f'--{f.name} {f.default!r}' for f in fields(c)))
