@@ -488,7 +488,7 @@ def test_torchrun_two_processes_two_nodes_and_a_restart_equal_one_process():
                           '--master_addr=127.0.0.1', f'--master_port={port}', log=r)
                  for r in (0, 1)]
         node0, _ = done(nodes[0]), done(nodes[1])
-        r = run('train.py', *common[:-1], '8', '--out_dir', f'{d}/one')
+        r = run('train.py', *common, '--batch_size', '8', '--out_dir', f'{d}/one')  # the last wins
         assert r.returncode == 0, r.stderr[-2000:]
         one, two = r.stdout, done(torchrun('two', '--standalone', '--nproc_per_node=2'))
         # restarts need it: else torch 2.13 hands the restarted rank its peer's old address
