@@ -182,15 +182,17 @@ class Examples:
 def answer_metrics(model, x, y, w, ans_len, score_len):
     """Sums to add up over batches and ranks: [answer NLL, answer tokens, scored tokens,
     teacher-forced correct (argmax after the true prefix), free-running correct (greedy generation
-    of the answer, memory carried, no ground truth fed back), exact matches (all scored right)]."""
+    of the answer, memory carried, no ground truth fed back), exact matches (all scored right),
+    empty answers (all padding: sqeq without a real root), exact matches among them]."""
     logits, _ = model(x)                                                         # (B, T, V)
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction='none')
     gen = model.generate(x[:, :x.size(1) - ans_len + 1], ans_len)               # (B, A)
     S = score_len
     free = gen[:, -S:] == y[:, -S:]
+    exact, empty = free.all(1), (y[:, -S:] == 0).all(1)                         # (B,)
     return [(nll * w).sum().item(), w.sum().item(), free.numel(),
             (logits[:, -S:].argmax(-1) == y[:, -S:]).sum().item(), free.sum().item(),
-            free.all(1).sum().item()]
+            exact.sum().item(), empty.sum().item(), (exact & empty).sum().item()]
 
 
 # ----------------------------------------------------------------------------- language modelling
@@ -397,6 +399,35 @@ class Stream:
                 w = min(w, -(-(max_tokens - done) // self.B))  # ceil: stop within B of the cap
             yield _shifted(self.data[:, pos:pos + w + 1])
             pos, done = pos + w, done + w * self.B
+
+
+
+# ----------------------------------------------------------------------------- one rank's loaders
+@dataclass
+class Data:
+    """A task's splits as one rank reads them."""
+    loaders: dict              # 'train', 'val', 'test' -> Examples or Stream
+    checksums: dict            # a digest per split: a resumed run checks that the data are the same
+    vocab_size: int
+    cutoffs: tuple = ()        # wt103: the adaptive softmax clusters
+    spec: dict = None          # algorithmic tasks: vocab_size, ans_len, score_len
+
+
+def load(task, seq_len, seed, data_dir, data_path, rows, window, rank=0, world=1):
+    """Rank `rank`'s loaders of a task: `rows` examples (or streams) per step; LM training reads
+    windows of `window` tokens, validation and test are read by eval_windows."""
+    if task in ALGO_TASKS:
+        spec = task_spec(task, seq_len)
+        splits = make_splits(task, seq_len, seed)
+        loaders = {s: Examples(a, spec['ans_len'], rows, rank, world, seed)
+                   for s, a in splits.items()}
+        checksums = {s: split_checksum(a) for s, a in splits.items()}
+        return Data(loaders, checksums, spec['vocab_size'], spec=spec)
+    corpus = load_corpus(task, data_dir, data_path)
+    loaders = {s: Stream(getattr(corpus, s), rows, 0, rank, world) for s in ('val', 'test')}
+    loaders['train'] = Stream(corpus.train, rows, window, rank, world)
+    checksums = {s: split_checksum(getattr(corpus, s)) for s in SPLITS}
+    return Data(loaders, checksums, corpus.vocab_size, tuple(corpus.cutoffs or ()))
 
 
 if __name__ == '__main__':

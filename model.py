@@ -405,11 +405,11 @@ class MemTransformer(nn.Module):
         return F.cross_entropy(logits.transpose(1, 2), targets, reduction='none')
 
     @torch.no_grad()
-    def generate(self, prompt, n_new, state=None, temperature=0.0, top_k=None):
-        """Continue prompt (B, T0 >= 1) by n_new tokens, segment by segment with the memory
-        carried, exactly as in training: the current (partial) segment is recomputed from the
-        state before it for every new token (RMT write memory depends on the whole segment).
-        temperature 0 = greedy. Returns (B, n_new)."""
+    def generate(self, prompt, n_new, state=None):
+        """Continue prompt (B, T0 >= 1) greedily by n_new tokens, segment by segment with the
+        memory carried, exactly as in training: the current (partial) segment is recomputed from
+        the state before it for every new token (RMT write memory depends on the whole segment).
+        Returns (B, n_new)."""
         seg_len, new = self.cfg.seg_len, []
         n_full = (prompt.size(1) - 1) // seg_len
         if n_full:
@@ -417,15 +417,7 @@ class MemTransformer(nn.Module):
         cur = prompt[:, n_full * seg_len:]                                       # (B, 1..T)
         for _ in range(n_new):
             logits, next_state = self.segment(cur, state)
-            logits = logits[:, -1]                                               # (B, V)
-            if temperature > 0:
-                logits = logits / temperature
-                if top_k:
-                    kth = logits.topk(min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float('-inf'))
-                nxt = torch.multinomial(F.softmax(logits, -1), 1)                 # (B, 1)
-            else:
-                nxt = logits.argmax(-1, keepdim=True)
+            nxt = logits[:, -1].argmax(-1, keepdim=True)                         # (B, 1)
             new.append(nxt)
             if cur.size(1) == seg_len:               # segment full: its state becomes the memory
                 state, cur = next_state, nxt

@@ -1,9 +1,9 @@
-"""The one entry point: train, evaluate, sample or time (--mode) every architecture on every task,
-on a CPU, one GPU or many GPUs; flags override the task's preset. No flags: RMT learns to copy.
+"""The one entry point: train or evaluate (--mode) every architecture on every task, on a CPU,
+one GPU or many GPUs; flags override the task's preset. No flags: RMT learns to copy.
   torchrun --standalone --nproc_per_node=8 train.py --task enwik8
-  python train.py --mode bench --task enwik8 --preset enwik8 --batch_size 8   # speed, one line
+Speed: each log line gives ms/step, tokens/s and model FLOP/s (MFU on A100/H100/H200) over the
+steps since the last line; each validation line its wall time.
 """
-import ctypes
 import fcntl
 import math
 import os
@@ -28,7 +28,7 @@ from model import MemTransformer, ModelConfig
 class TrainConfig:
     task: str = 'copy'         # copy | reverse | retrieval | sqeq | enwik8 | wt103 | text
     preset: str = ''           # a PRESETS key; '': copy_cpu, or with --task X: X on a GPU, X_cpu
-    mode: str = 'train'        # train | eval | sample | bench (timed steps, one result line)
+    mode: str = 'train'        # train | eval (a checkpoint on val and test)
     seq_len: int = 24          # copy, reverse: source length S (paper: 24, 40, 120, 240, 360)
     data_dir: str = 'data'     # where enwik8 / wt103 / text splits are prepared
     data_path: str = ''        # text: any local file, read as bytes
@@ -47,17 +47,12 @@ class TrainConfig:
     device: str = 'auto'       # auto | cpu | cuda | cuda:N
     dtype: str = 'auto'        # float32 | bfloat16 | float16 autocast; auto: bf16 where it is fast
     compile: bool = False      # torch.compile each segment (GPU; minutes to compile on a CPU)
-    bench_iters: int = 10      # bench: timed training and evaluation steps, after 3 warm-up steps
     out_dir: str = 'out'       # checkpoints: ckpt.pt (latest), best.pt (best validation)
-    init_from: str = ''        # checkpoint to evaluate, sample or fine-tune ('' = scratch)
+    init_from: str = ''        # checkpoint to evaluate or fine-tune ('' = scratch)
     resume: str = 'auto'       # auto: continue out_dir's run of this configuration, if any |
     #                            true (a bare --resume): continue it, flags may change the loop's
     #                            knobs | false: start anew, replacing out_dir's run
     skip_nonfinite: int = 0    # steps with a non-finite gradient to skip before stopping
-    sample_len: int = 500      # sample: tokens to generate
-    temperature: float = 0.9   # sample: 0 = greedy
-    top_k: int = 40            # sample: keep the k most likely tokens (0 = all)
-    prompt: str = '\n'         # sample: text to continue
 
 
 # the settings of the RMT and Transformer-XL papers (GPU-days), and small ones that learn on 2
@@ -79,7 +74,7 @@ PRESETS = {                              # a preset's task is its name without '
     'sqeq': dict(PAPER, n_layer=6, n_head=6, max_iters=600_000, seg_len=30, n_mem_tokens=30,
                  mem_len=30),
     'copy_cpu': dict(),                  # the defaults
-    'reverse_cpu': dict(max_iters=8000),  # 48 input tokens: 2 segments
+    'reverse_cpu': dict(n_layer=4, n_head=4, max_iters=8000),  # 48 input tokens: 2 segments
     'retrieval_cpu': dict(n_layer=3, seg_len=3, n_mem_tokens=3, mem_len=3, batch_size=256),
     'sqeq_cpu': dict(seg_len=30, n_mem_tokens=30, mem_len=30, batch_size=32, eval_examples=500),
     'enwik8': ENWIK8, 'text': ENWIK8,
@@ -133,8 +128,8 @@ def choose_preset(given):  # -> (preset name, why it was chosen: the log's first
 
 # the lowest allowed value of a number (nan fails the comparison, so it is refused too)
 AT_LEAST = dict(seq_len=1, batch_size=1, grad_accum=1, max_iters=1, eval_interval=1,
-                log_interval=1, bench_iters=1, sample_len=1, eval_examples=0, eval_tokens=0,
-                warmup_iters=0, skip_nonfinite=0, top_k=0, temperature=0, grad_clip=0)
+                log_interval=1, eval_examples=0, eval_tokens=0,
+                warmup_iters=0, skip_nonfinite=0, grad_clip=0)
 
 
 def make_configs(given, ckpt=None, path='', resuming=False):
@@ -163,7 +158,7 @@ def make_configs(given, ckpt=None, path='', resuming=False):
     n_gpu = torch.cuda.device_count()           # --device: what this machine has
     try:
         tcfg = TrainConfig(**tc)
-        for k, ok in (('mode', ('train', 'eval', 'sample', 'bench')),
+        for k, ok in (('mode', ('train', 'eval')),
                       ('schedule', ('plateau', 'cosine')),
                       ('dtype', ('auto', 'float32', 'bfloat16', 'float16')),
                       ('device', ['auto', 'cpu'] + ['cuda'] * (n_gpu > 0) +
@@ -175,8 +170,6 @@ def make_configs(given, ckpt=None, path='', resuming=False):
                 raise ValueError(f'--{k} must be >= {low}, got {getattr(tcfg, k)}')
         if not 0 < tcfg.lr < math.inf:
             raise ValueError(f'--lr must be > 0 and finite, got {tcfg.lr}')
-        if tcfg.mode == 'sample' and tcfg.task not in data.LM_TASKS:
-            raise ValueError('--mode sample needs a language-modelling task (enwik8, wt103, text)')
         mcfg = ModelConfig(**mc)
         if tcfg.task in data.LM_TASKS and mcfg.bptt_depth < 0:
             raise ValueError('LM streams need --bptt_depth >= 0 (segments per step - 1)')
@@ -243,44 +236,27 @@ def reduce(vals, env):  # sum over ranks: sums, never means of means
 
 
 # ----------------------------------------------------------------------------- data
-@dataclass
-class Data:
-    loaders: dict              # 'train', 'val', 'test' -> data.Examples or data.Stream
-    checksums: dict            # per split: checked when a run resumes
-    spec: dict = None          # algorithmic tasks: vocab_size, ans_len, score_len
-    corpus: data.Corpus = None  # language modelling: tokens and vocabulary
-
-
 def load_data(tcfg, mcfg, env):
-    """The task's splits for this rank; sets the model's vocabulary from them. One step holds
-    batch_size * grad_accum examples (or LM streams) per rank, split into grad_accum chunks in
-    train_step (Transformer-XL's batch_chunk)."""
-    rows = tcfg.batch_size * tcfg.grad_accum
+    """The task's splits for this rank (data.load); sets the model's vocabulary from them. One
+    step holds batch_size * grad_accum examples (or LM streams) per rank, split into grad_accum
+    chunks in train_step (Transformer-XL's batch_chunk); an LM step trains on bptt_depth + 1
+    segments of each stream."""
+    if env.ddp and not env.master:
+        dist.barrier()                           # rank 0 prepares the LM files, the others wait
     try:
-        if tcfg.task in data.ALGO_TASKS:
-            spec = data.task_spec(tcfg.task, tcfg.seq_len)
-            splits = data.make_splits(tcfg.task, tcfg.seq_len, tcfg.seed)
-            mcfg.vocab_size = spec['vocab_size']
-            loaders = {s: data.Examples(a, spec['ans_len'], rows, env.rank, env.world, tcfg.seed)
-                       for s, a in splits.items()}
-            checksums = {s: data.split_checksum(a) for s, a in splits.items()}
-            env.print('data:', ', '.join(f'{s} {len(splits[s])} ({c})'
-                                         for s, c in checksums.items()))
-            return Data(loaders, checksums, spec=spec)
-        if env.ddp and not env.master:
-            dist.barrier()                           # rank 0 prepares the files, the others wait
-        corpus = data.load_corpus(tcfg.task, tcfg.data_dir, tcfg.data_path or None)
-        if env.ddp and env.master:
-            dist.barrier()
-        mcfg.vocab_size, mcfg.cutoffs = corpus.vocab_size, tuple(corpus.cutoffs or ())
-        window = mcfg.seg_len * (mcfg.bptt_depth + 1)   # BPTT-k: k+1 segments per step
-        loaders = {s: data.Stream(getattr(corpus, s), rows, 0, env.rank, env.world)
-                   for s in ('val', 'test')}         # evaluated by windows of seg_len
-        loaders['train'] = data.Stream(corpus.train, rows, window, env.rank, env.world)
+        dat = data.load(tcfg.task, tcfg.seq_len, tcfg.seed, tcfg.data_dir, tcfg.data_path or None,
+                        rows=tcfg.batch_size * tcfg.grad_accum,
+                        window=mcfg.seg_len * (mcfg.bptt_depth + 1), rank=env.rank,
+                        world=env.world)
     except data.DataError as e:
         die(str(e))
-    checksums = {s: data.split_checksum(getattr(corpus, s)) for s in data.SPLITS}
-    return Data(loaders, checksums, corpus=corpus)
+    if env.ddp and env.master:
+        dist.barrier()
+    mcfg.vocab_size, mcfg.cutoffs = dat.vocab_size, dat.cutoffs
+    if dat.spec is not None:
+        env.print('data:', ', '.join(f'{s} {len(dat.loaders[s].seqs)} ({c})'
+                                     for s, c in dat.checksums.items()))
+    return dat
 
 
 def check_fits(mcfg, tcfg, dat, env):
@@ -295,7 +271,7 @@ def check_fits(mcfg, tcfg, dat, env):
         held = mcfg.n_layer * dat.loaders['train'].seqs.shape[1] / mcfg.seg_len
     if mcfg.grad_checkpoint:                         # one segment at a time
         held = mcfg.n_layer
-    if tcfg.mode in ('eval', 'sample'):
+    if tcfg.mode == 'eval':
         held = 1
     need = 4 * held * tcfg.batch_size * S * (mcfg.n_head * (mcfg.mem_len + S) + mcfg.d_inner)
     have = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
@@ -351,8 +327,7 @@ def make_optimizer(model, tcfg, env):
 # what a resumed run may change: the loop's knobs, never the model, the data or the streams
 RESUMABLE = ('mode', 'lr', 'warmup_iters', 'grad_clip', 'max_iters', 'eval_interval',
              'eval_examples', 'eval_tokens', 'log_interval', 'device', 'dtype', 'compile',
-             'bench_iters', 'out_dir', 'resume', 'skip_nonfinite', 'sample_len', 'temperature',
-             'top_k', 'prompt', 'dropout', 'dropatt')
+             'out_dir', 'resume', 'skip_nonfinite', 'dropout', 'dropatt')
 
 
 def load_checkpoint(path, resume=False):
@@ -383,7 +358,7 @@ def choose_start(given, out_dir):
     """-> (checkpoint or None, its path, resuming?). Training continues out_dir's ckpt.pt with
     --resume true, and with auto when the same flags made that run; auto starts anew when out_dir
     holds no run and refuses when it holds another, so nothing is replaced without --resume false.
-    A new run, --mode eval or sample starts from the weights of --init_from, if given."""
+    A new run or --mode eval starts from the weights of --init_from, if given."""
     how, init = given.get('resume', 'auto'), given.get('init_from', '')
     if how not in ('auto', 'true', 'false'):
         die(f"--resume takes auto, true or false, not '{how}'")
@@ -542,16 +517,20 @@ def evaluate(model, split, dat, tcfg, env):
     model.eval()
     with torch.no_grad(), env.autocast:          # one autocast region: weights cast once
         if dat.spec is not None:
-            sums, size = [0.0] * 6, 4 * tcfg.batch_size
+            sums, size = [0.0] * 8, 4 * tcfg.batch_size
             for x, y, w in dat.loaders[split].eval_batches(size, tcfg.eval_examples or None):
                 batch = data.answer_metrics(model, x.to(env.device), y.to(env.device),
                                             w.to(env.device), dat.spec['ans_len'],
                                             dat.spec['score_len'])
                 sums = [a + b for a, b in zip(sums, batch)]
-            nll, n, n_ans, tf, fr, em = reduce(sums, env)
+            nll, n, n_ans, tf, fr, em, n_none, em_none = reduce(sums, env)
             n_ex = n_ans / dat.spec['score_len']
             res = dict(loss=nll / n, acc_tf=tf / n_ans, acc_free=fr / n_ans, exact=em / n_ex,
                        n=int(n_ex))
+            if tcfg.task == 'sqeq':              # with real roots, and without (empty answer)
+                res['exact_roots'] = (em - em_none) / max(n_ex - n_none, 1)
+                res['exact_none'] = em_none / max(n_none, 1)
+                res['n_none'] = int(n_none)
         else:                                    # memory carried through each rank's streams
             state, nll, n = None, 0.0, 0
             for x, y in dat.loaders[split].eval_windows(model.cfg.seg_len,
@@ -568,60 +547,6 @@ def evaluate(model, split, dat, tcfg, env):
     line = ' | '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
                       for k, v in res.items())
     return res['loss'], line
-
-
-# ----------------------------------------------------------------------------- bench, sample
-def memory_bytes(env, peak=False):  # in use now (and a new peak starts), or the peak since
-    if env.cuda:
-        if peak:
-            return torch.cuda.max_memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    try:
-        if not peak:
-            ctypes.CDLL('libc.so.6').malloc_trim(0)          # freed heap back to the OS
-            open('/proc/self/clear_refs', 'w').write('5')   # reset the high-water mark
-        status = open('/proc/self/status').read()          # kB, peak or current
-        return int(status.split('VmHWM:' if peak else 'VmRSS:')[1].split()[0]) * 1024
-    except (OSError, IndexError):
-        return 0
-
-
-def bench(model, ddp_model, optimizer, states, dat, tcfg, env):
-    """3 warm-up steps, bench_iters timed training steps, as many timed evaluation steps; prints
-    one line that scripts parse."""
-    sync = torch.cuda.synchronize if env.cuda else (lambda: None)
-    tok = seen = 0
-    for step in range(3 + tcfg.bench_iters):
-        if step == 3:                            # after 3 warm-up steps: the clock starts
-            sync()
-            base, t0, tok, seen = memory_bytes(env), time.time(), 0, 0
-        *batch, n = get_batch(dat, step, env)
-        train_step(ddp_model, optimizer, states, batch, tcfg, env)
-        tok, seen = tok + n, seen + batch[0].numel()
-    sync()
-    dt_train, peak = time.time() - t0, memory_bytes(env, peak=True) - base
-    model.eval()
-    with torch.no_grad(), env.autocast:
-        x, y, _, _ = get_batch(dat, 0, env)
-        _, state = model(x, None, y)             # warm-up (casts, kernels)
-        sync()
-        t0, n_eval, seen_eval = time.time(), 0, 0
-        for step in range(1, tcfg.bench_iters + 1):
-            x, y, w, n = get_batch(dat, step, env)
-            if w is not None:
-                state = None                     # algorithmic examples start from scratch
-            _, state = model(x, state, y)
-            n_eval, seen_eval = n_eval + n, seen_eval + x.numel()
-        sync()
-        dt_eval = time.time() - t0
-    mode = 'compiled' if tcfg.compile else 'eager'
-    env.print(f'model: {model.mfu(seen / dt_train, True, env.dtype)} training, '
-              f'{model.mfu(seen_eval / dt_eval, False, env.dtype)} evaluation '
-              f'(dtype {str(env.dtype)[6:]}, {mode})')
-    env.print(f'bench: train {tok * env.world / dt_train:.0f} tok/s, eval '
-              f'{n_eval * env.world / dt_eval:.0f} tok/s, peak {peak / 2**20:.0f} MB, '
-              f'step {1000 * dt_train / tcfg.bench_iters:.0f} ms')
 
 
 def stop_final_test(signum, frame):
@@ -672,12 +597,6 @@ def main(argv):
         for split in ('val', 'test'):
             line = evaluate(model, split, dat, tcfg, env)[1]   # every rank evaluates its share
             env.print(f'{split}: {line}')
-    elif tcfg.mode == 'sample':
-        prompt = torch.as_tensor(dat.corpus.encode(tcfg.prompt), device=env.device)[None]
-        out = model.eval().generate(prompt, tcfg.sample_len, None, tcfg.temperature, tcfg.top_k)
-        print(dat.corpus.decode(torch.cat([prompt, out], 1)))   # the prompt as the model saw it
-    elif tcfg.mode == 'bench':                  # every rank steps, rank 0 prints
-        bench(model, ddp_model, optimizer, states, dat, tcfg, env)
     if tcfg.mode != 'train':
         return
     # ------------------------------------------------------------------------- training loop
@@ -721,10 +640,11 @@ def main(argv):
                   flush=True)
             t0, n_tok, n_seen = time.time(), 0, 0
         if step % tcfg.eval_interval == 0 or step == tcfg.max_iters:
+            t_val = time.time()
             val_loss, metrics = evaluate(model, 'val', dat, tcfg, env)
             if tcfg.schedule == 'plateau':
                 scheduler.step(val_loss)
-            env.print(f'val step {step}: {metrics}', flush=True)
+            env.print(f'val step {step}: {metrics} | {time.time() - t_val:.1f} s', flush=True)
             if val_loss < best_val:
                 best_val = val_loss
                 save_checkpoint('best.pt', step, best_val, states, *ckpt_args)
