@@ -694,6 +694,15 @@ def test_trams_positions_compressed_and_true_distances():
     assert torch.equal(comp[..., :n - 2], xl[:, P - n:P - 2].expand(B, H, S, -1))  # closer slots
 
 
+def test_paired_bootstrap_interval():
+    ref = torch.tensor([[10., 5], [20., 5], [30., 10], [5., 4]])       # (NLL sum, tokens) per block
+    shifted = ref + 0.1 * ref[:, 1:] * torch.tensor([1., 0])           # +0.1 nats on every token
+    assert np.allclose(trams.paired_interval(shifted, ref, 200), 0.1)  # paired: no spread at all
+    noisy = ref + torch.tensor([[3., 0], [-1, 0], [0, 0], [2, 0]])
+    d, lo, hi = trams.paired_interval(noisy, ref, 2000)
+    assert np.isclose(d, 4 / 24) and lo < d < hi and lo < 0.05 and hi > 0.3, (d, lo, hi)
+
+
 def test_trams_command_table_and_bad_input():
     def cli(*args):
         return train_main(*args, main=trams.main)
@@ -705,7 +714,12 @@ def test_trams_command_table_and_bad_input():
         flags = '--mem_len 12 --select_recent 4 --select_topk 4 --seg_len 4 --batch_size 2'.split()
         code, out, err = cli(f'{d}/xl.pt', *flags)
         assert code == 0 and [ln.split('|')[1].strip() for ln in out.splitlines()[3:]] == [
-            'XL mem R+K', 'XL mem M', 'TRAMS', 'TRAMS (paper score)', 'oracle', 'random'], out
+            'XL mem R+K', 'XL mem M', 'XL mem R', 'TRAMS', 'TRAMS (paper score)', 'oracle',
+            'random'], out
+        code, out, err = cli(f'{d}/xl.pt', *flags, '--intervals', '100')
+        cis = [[float(v) for v in re.findall(r'[-+]\d\.\d+', ln.split('|')[-2])]
+               for ln in out.splitlines()[3:]]
+        assert code == 0 and cis[0] == [0, 0, 0] and all(lo <= d <= hi for d, lo, hi in cis), out
         code, out, err = cli(f'{d}/xl.pt', *flags, '--show')     # paper Table 3
         assert code == 0 and '[' in out and 'predicting' in out, err
         for args in ('rmt.pt', 'xl.pt --task copy', 'xl.pt --x', 'xl.pt --select_topk 400',

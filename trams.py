@@ -182,7 +182,8 @@ def attach(model, sel):
 
 def evaluate(model, tokens, sel, args, device):
     """Paper protocol: contiguous streams, every target scored once, memory carried. Returns
-    (mean NLL, tokens scored, seconds, probability on memory, peak MB)."""
+    (mean NLL, tokens scored, seconds, probability on memory, peak MB, blocks): blocks (N, 2)
+    holds the NLL sum and the token count of each (stream, segment), for paired intervals."""
     model.cfg = replace(model.cfg, mem_len=args.pool, seg_len=args.seg_len)
     routed = sel
     if sel.mem_select == 'none' and not sel.stats:
@@ -190,19 +191,33 @@ def evaluate(model, tokens, sel, args, device):
     attach(model, routed)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-    t0, state, nll, n = time.time(), None, 0.0, 0
+    t0, state, blocks = time.time(), None, []
     with torch.no_grad():
         for x, y in data.Stream(tokens, args.batch_size, args.seg_len).eval_windows(
                 args.seg_len, args.eval_tokens or None):
-            out, state = model(x.to(device), state, y.to(device))
-            nll, n = nll + out.sum(), n + out.numel()
-    nll, dt = float(nll), time.time() - t0          # float() waits for the GPU
+            out, state = model(x.to(device), state, y.to(device))                 # (B, w)
+            nll = out.double().sum(1)                                               # (B,)
+            blocks.append(torch.stack([nll, torch.full_like(nll, out.size(1))], 1))  # (B, 2)
+    blocks = torch.cat(blocks).cpu()                 # .cpu() waits for the GPU: then the clock
+    dt, (nll, n) = time.time() - t0, blocks.sum(0).tolist()
     attach(model, None)
     if device.type == 'cuda':
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:                                        # the whole process's peak resident set
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return nll / n, n, dt, float(sel.mass) / max(sel.queries, 1), peak
+    return nll / n, int(n), dt, float(sel.mass) / max(sel.queries, 1), peak, blocks
+
+
+def paired_interval(blocks, ref, n_boot, seed=0):
+    """Mean-NLL difference (nats per token) of one row against ref and its 95% bootstrap interval:
+    the (stream, segment) blocks are resampled with replacement, the same draws for both rows,
+    so what both rows find hard cancels out (paired)."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(ref), (n_boot, len(ref)), generator=gen)             # (n_boot, N)
+    tokens = ref[:, 1][idx].sum(1)
+    diffs = (blocks[:, 0][idx].sum(1) - ref[:, 0][idx].sum(1)) / tokens         # (n_boot,)
+    lo, hi = diffs.quantile(torch.tensor([0.025, 0.975], dtype=diffs.dtype)).tolist()
+    return (blocks[:, 0].sum() - ref[:, 0].sum()).item() / ref[:, 1].sum().item(), lo, hi
 
 
 def compare(model, tokens, args, device, rows):
@@ -254,7 +269,8 @@ def main(argv):
     p.add_argument('ckpt')
     for name, default in dict(task='', data_path='', data_dir='', mem_len=400, select_recent=150,
                               select_topk=50, seg_len=64, batch_size=10, eval_tokens=0, repeat=1,
-                              select_layers='', sweep='', layer=-1, head=0, device='auto').items():
+                              select_layers='', sweep='', layer=-1, head=0, device='auto',
+                              intervals=0).items():
         p.add_argument(f'--{name}', type=type(default), default=default)
     for name in ('--select_true_pos', '--show'):
         p.add_argument(name, action='store_true')
@@ -298,18 +314,31 @@ def main(argv):
     print(f'M={args.mem_len} R={args.select_recent} K={args.select_topk} n={args.seg_len} '
           f'B={args.batch_size} true_pos={args.select_true_pos} '
           f'layers={args.select_layers or "all"} on {device}, s = median')
+    # --intervals N: each row's difference to XL(R+K) with its 95% paired bootstrap interval
+    delta = ''
+    if args.intervals:
+        delta = f" {'nll (nats)' if unit == 'ppl' else 'bpc'} - XL(R+K) [95%] |"
     print(f"| {'setting | ' * bool(settings)}row | {unit} | tokens | s | vs XL(R+K) | "
-          f"prob on memory | peak MB |\n|---|" + '---|' * (6 + bool(settings)))
+          f"prob on memory | peak MB |{delta}\n|---|" + '---|' * (6 + bool(settings) + bool(delta)))
     for b in settings or [args]:     # a sweep (paper Figs. 4-6): XL(R+K) and TRAMS per setting
-        rows = [('XL mem R+K', 'none', b.select_recent + b.select_topk)] + [
-            (name, method, b.mem_len) for name, method in (
-                ('XL mem M', 'none'), ('TRAMS', 'trams'), ('TRAMS (paper score)', 'trams_paper'),
-                ('oracle', 'oracle'), ('random', 'random'))]
-        res = compare(model, corpus.test, b, device, [rows[0], rows[2]] if settings else rows)
-        for name, (nll, n, dt, ratio, prob, peak) in res.items():
-            print(f"| {f'{getattr(b, key)} | ' if settings else ''}{name} | "
-                  f"{math.exp(nll) if unit == 'ppl' else nll / math.log(2):.4f} | {n} | {dt:.2f} |"
-                  f' {ratio:.2f}x | {prob:.4f} | {peak:.0f} |', flush=True)
+        m = b.select_recent + b.select_topk      # the paper's memory size m
+        rows = [('XL mem R+K', 'none', m), ('TRAMS', 'trams', b.mem_len)]
+        if not settings:
+            rows[1:1] = [('XL mem M', 'none', b.mem_len), ('XL mem R', 'none', b.select_recent)]
+            rows += [(name, method, b.mem_len) for name, method in (
+                ('TRAMS (paper score)', 'trams_paper'), ('oracle', 'oracle'), ('random', 'random'))]
+        rows = [r for r in rows if r[2] > 0]     # XL(R) with R = 0 would have no memory at all
+        res = compare(model, corpus.test, b, device, rows)
+        for name, (nll, n, dt, ratio, prob, peak, blocks) in res.items():
+            line = (f"| {f'{getattr(b, key)} | ' if settings else ''}{name} | "
+                    f"{math.exp(nll) if unit == 'ppl' else nll / math.log(2):.4f} | {n} | "
+                    f'{dt:.2f} | {ratio:.2f}x | {prob:.4f} | {peak:.0f} |')
+            if args.intervals:
+                scale = 1 / math.log(2) if unit == 'bpc' else 1      # nats -> bits per byte
+                d, lo, hi = (v * scale for v in paired_interval(
+                    blocks, res['XL mem R+K'][-1], args.intervals))
+                line += f' {d:+.4f} [{lo:+.4f}, {hi:+.4f}] |'
+            print(line, flush=True)
 
 
 if __name__ == '__main__':
