@@ -798,6 +798,15 @@ def test_sigkill_sigterm_resume_exactly_and_nonfinite_stop():
         code, out, err = train_main(*flags('--max_iters', '12', '--out_dir', f'{d}/a'))  # again
         assert code == 0 and f'resuming {d}/a/ckpt.pt at step 12 of 12' in out, err
         assert out.splitlines()[-1] == full.stdout.splitlines()[-1] and 'test:' in out
+        evaluate = train.evaluate
+
+        def interrupted(model, split, *args):         # Ctrl-C in the final test: exit 130
+            if split == 'test':
+                os.kill(os.getpid(), signal.SIGINT)
+            return evaluate(model, split, *args)
+        with _patch(train, evaluate=interrupted):
+            code, out, err = train_main(*flags('--max_iters', '12', '--out_dir', f'{d}/a'))
+        assert code == 130 and 'in the final test' in err, (code, err)
         for args, why in (('--max_iters 13', 'other flags (max_iters)'),
                           ('--resume --seed 5', '--seed cannot change'),
                           ('--resume --batch_size 2', '--batch_size cannot change'),
