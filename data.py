@@ -401,7 +401,6 @@ class Stream:
             pos, done = pos + w, done + w * self.B
 
 
-
 # ----------------------------------------------------------------------------- one rank's loaders
 @dataclass
 class Data:

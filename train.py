@@ -128,8 +128,8 @@ def choose_preset(given):  # -> (preset name, why it was chosen: the log's first
 
 # the lowest allowed value of a number (nan fails the comparison, so it is refused too)
 AT_LEAST = dict(seq_len=1, batch_size=1, grad_accum=1, max_iters=1, eval_interval=1,
-                log_interval=1, eval_examples=0, eval_tokens=0,
-                warmup_iters=0, skip_nonfinite=0, grad_clip=0)
+                log_interval=1, eval_examples=0, eval_tokens=0, warmup_iters=0, skip_nonfinite=0,
+                grad_clip=0)
 
 
 def make_configs(given, ckpt=None, path='', resuming=False):
