@@ -723,7 +723,7 @@ def test_trams_command_table_and_bad_input():
         code, out, err = cli(f'{d}/xl.pt', *flags, '--show')     # paper Table 3
         assert code == 0 and '[' in out and 'predicting' in out, err
         for args in ('rmt.pt', 'xl.pt --task copy', 'xl.pt --x', 'xl.pt --select_topk 400',
-                     'xl.pt --show --layer 1000'):
+                     'xl.pt --show --layer 1000', 'xl.pt --intervals -1'):
             code, out, err = cli(*f'{d}/{args}'.split())
             assert code == 2 and len(err.strip().splitlines()) == 1, (args, err)
 

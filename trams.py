@@ -289,9 +289,11 @@ def main(argv):
     sweepable = ('mem_len', 'select_topk', 'select_recent', 'seg_len')
     if args.sweep and not (key in sweepable and settings):
         die('--sweep takes mem_len=, select_topk=, select_recent= or seg_len= and values')
-    if any(min(b.seg_len, b.batch_size, b.select_topk, b.repeat, b.select_recent + 1) < 1
+    if any(min(b.seg_len, b.batch_size, b.select_topk, b.repeat, b.select_recent + 1,
+               b.intervals + 1) < 1
            or b.select_recent + b.select_topk >= b.mem_len for b in settings or [args]):
-        die('need --seg_len --batch_size --select_topk --repeat >= 1, --select_recent >= 0 and '
+        die('need --seg_len --batch_size --select_topk --repeat >= 1, --select_recent and '
+            '--intervals >= 0, and '
             '--select_recent + --select_topk < --mem_len (else nothing is dropped)')
     layers_ok = all(0 <= i < mc['n_layer'] for i in args.select_layers)
     layers_ok = layers_ok and -mc['n_layer'] <= args.layer < mc['n_layer']    # -1: the last
