@@ -87,6 +87,19 @@ PRESETS = {                              # a preset's task is its name without '
 
 def die(msg, code=2):  # bad input ends in one line that names the fix, exit 2, no traceback
     print(f'error: {msg}', file=sys.stderr)
+    leave(code)
+
+
+def leave(code):
+    """End the process with `code`. Under torchrun, skip the interpreter's shutdown: gloo's worker
+    threads may still be freeing finished collectives, and freeing one that holds a Python object
+    takes the GIL, which aborts the process once shutdown has begun (SIGABRT, in a few percent of
+    two-node runs here; pytorch/pytorch#179291). Checkpoints are synced to disk as they are written:
+    skipping the shutdown loses nothing."""
+    if dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 
@@ -658,16 +671,15 @@ def main(argv):
             save_checkpoint('ckpt.pt', step, best_val, states, *ckpt_args)
             env.print(f'stopped by a signal at step {step}: the same command continues the run',
                       flush=True)
-            sys.exit(128 + (signals[0] if signals else signal.SIGTERM))
+            leave(128 + (signals[0] if signals else signal.SIGTERM))
     # ------------------------------------------------------------------------- final test, cleanup
     for s in (signal.SIGINT, signal.SIGTERM):    # a signal now ends the run: all is saved
         signal.signal(s, stop_final_test)
     env.print(f"test: {evaluate(model, 'test', dat, tcfg, env)[1]}")
-    if env.ddp:  # DDP's reducer goes before the process group: else gloo may abort at exit
-        del ddp_model
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == '__main__':
     main(sys.argv[1:])
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    leave(0)
