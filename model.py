@@ -64,6 +64,11 @@ class ModelConfig:
         for k in ('vocab_size', 'n_layer', 'n_head', 'd_model', 'd_head', 'd_inner'):
             if getattr(self, k) < 1:
                 raise ValueError(f'--{k} must be >= 1')
+        if self.d_model % 2:
+            raise ValueError(f'--d_model must be even (sinusoidal positions take sin and cos '
+                             f'pairs), got {self.d_model}')
+        if not 0 <= self.aux_mem_loss < math.inf:
+            raise ValueError(f'--aux_mem_loss must be >= 0 and finite, got {self.aux_mem_loss}')
         for k in ('dropout', 'dropatt'):
             if not 0 <= getattr(self, k) < 1:          # also catches nan
                 raise ValueError(f'--{k} must be in [0, 1), got {getattr(self, k)}')

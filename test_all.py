@@ -723,7 +723,8 @@ def test_trams_command_table_and_bad_input():
         code, out, err = cli(f'{d}/xl.pt', *flags, '--show')     # paper Table 3
         assert code == 0 and '[' in out and 'predicting' in out, err
         for args in ('rmt.pt', 'xl.pt --task copy', 'xl.pt --x', 'xl.pt --select_topk 400',
-                     'xl.pt --show --layer 1000', 'xl.pt --intervals -1'):
+                     'xl.pt --show --layer 1000', 'xl.pt --intervals -1', 'xl.pt --device foo',
+                     'xl.pt --eval_tokens -5', 'xl.pt --batch_size 100000'):
             code, out, err = cli(*f'{d}/{args}'.split())
             assert code == 2 and len(err.strip().splitlines()) == 1, (args, err)
 
@@ -749,7 +750,9 @@ def test_bad_input_exits_2_with_one_line():
                      f'--init_from {d}/empty.txt', f'--resume --out_dir {d}', '--cutoffs 100,5',
                      f'--init_from {d}/cut.pt', '--arch xl --mem_len 0', '--seq_len 1000000000',
                      '--grad_clip -1', '--dropatt nan', '--device CPU', '--task nope', '--nope 1',
-                     '--seg_len 0', '--seq_len 0', '--arch gpt', '--lr fast', '--lr nan'):
+                     '--seg_len 0', '--seq_len 0', '--arch gpt', '--lr fast', '--lr nan',
+                     '--seed -1', '--d_model 63', '--aux_mem_loss -1', '--vocab_size 5',
+                     '--mode eval'):
             # another exception fails the test; a case's own --out_dir wins over this one
             code, out, err = train_main('--out_dir', f'{d}/o', *args.split())
             assert code == 2 and len(err.strip().splitlines()) == 1, (args, code, err)

@@ -142,7 +142,14 @@ def choose_preset(given):  # -> (preset name, why it was chosen: the log's first
 # the lowest allowed value of a number (nan fails the comparison, so it is refused too)
 AT_LEAST = dict(seq_len=1, batch_size=1, grad_accum=1, max_iters=1, eval_interval=1,
                 log_interval=1, eval_examples=0, eval_tokens=0, warmup_iters=0, skip_nonfinite=0,
-                grad_clip=0)
+                grad_clip=0, seed=0)
+# what the data decide, never a flag: the vocabulary and its adaptive-softmax clusters
+FROM_DATA = ('vocab_size', 'cutoffs')
+
+
+def devices():  # the --device values this machine has
+    n_gpu = torch.cuda.device_count()
+    return ['auto', 'cpu'] + ['cuda'] * (n_gpu > 0) + [f'cuda:{i}' for i in range(n_gpu)]
 
 
 def make_configs(given, ckpt=None, path='', resuming=False):
@@ -152,6 +159,9 @@ def make_configs(given, ckpt=None, path='', resuming=False):
     tasks = data.ALGO_TASKS + data.LM_TASKS
     if given.get('task', 'copy') not in tasks:
         die(f"unknown task '{given['task']}': use one of {', '.join(tasks)}")
+    for k in FROM_DATA:
+        if k in given:
+            die(f'--{k} is set by the task\'s data: drop the flag')
     if ckpt is not None:
         mc, tc, preset = dict(ckpt['model_cfg']), dict(ckpt['train_cfg']), {}
         tc.pop('resume', None)
@@ -168,14 +178,12 @@ def make_configs(given, ckpt=None, path='', resuming=False):
         mc, tc, preset = {}, dict(preset=name, task=name.removesuffix('_cpu')), PRESETS[name]
     for k, v in {**preset, **given}.items():
         (tc if k in TrainConfig.__dataclass_fields__ else mc)[k] = v
-    n_gpu = torch.cuda.device_count()           # --device: what this machine has
     try:
         tcfg = TrainConfig(**tc)
         for k, ok in (('mode', ('train', 'eval')),
                       ('schedule', ('plateau', 'cosine')),
                       ('dtype', ('auto', 'float32', 'bfloat16', 'float16')),
-                      ('device', ['auto', 'cpu'] + ['cuda'] * (n_gpu > 0) +
-                       [f'cuda:{i}' for i in range(n_gpu)])):
+                      ('device', devices())):
             if getattr(tcfg, k) not in ok:
                 raise ValueError(f"unknown {k} '{getattr(tcfg, k)}': use one of {', '.join(ok)}")
         for k, low in AT_LEAST.items():
@@ -183,6 +191,8 @@ def make_configs(given, ckpt=None, path='', resuming=False):
                 raise ValueError(f'--{k} must be >= {low}, got {getattr(tcfg, k)}')
         if not 0 < tcfg.lr < math.inf:
             raise ValueError(f'--lr must be > 0 and finite, got {tcfg.lr}')
+        if tcfg.seed + 64 >= 2 ** 63:            # numpy and torch seeds are 63-bit (+ the rank)
+            raise ValueError(f'--seed must be below 2**63 - 64, got {tcfg.seed}')
         mcfg = ModelConfig(**mc)
         if tcfg.task in data.LM_TASKS and mcfg.bptt_depth < 0:
             raise ValueError('LM streams need --bptt_depth >= 0 (segments per step - 1)')
@@ -348,7 +358,7 @@ def load_checkpoint(path, resume=False):
     if not os.path.isfile(path):
         if resume:
             die(f'no checkpoint to resume at {path}: start without --resume or fix --out_dir')
-        die(f'no checkpoint at {path}: train first, or pass --init_from PATH')
+        die(f'no checkpoint at {path}: give the path of one (train.py writes OUT_DIR/ckpt.pt)')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
@@ -378,6 +388,8 @@ def choose_start(given, out_dir):
     last = os.path.join(out_dir, 'ckpt.pt')
     if how == 'true' and init:
         die('--resume continues the run in --out_dir, --init_from starts a new one: give one')
+    if given.get('mode') == 'eval' and not init and how != 'true':
+        die(f'--mode eval evaluates a checkpoint: give --init_from PATH (for example {last})')
     if how == 'true':
         run = load_checkpoint(last, resume=True)
         settings = {**run['train_cfg'], **run['model_cfg']}

@@ -16,7 +16,7 @@ import torch
 import data
 import memory
 from model import MemTransformer, ModelConfig, attention, rel_shift
-from train import die, load_checkpoint
+from train import devices, die, load_checkpoint
 
 SELECTORS = ('trams', 'trams_paper', 'oracle', 'random', 'none')
 
@@ -290,22 +290,26 @@ def main(argv):
     if args.sweep and not (key in sweepable and settings):
         die('--sweep takes mem_len=, select_topk=, select_recent= or seg_len= and values')
     if any(min(b.seg_len, b.batch_size, b.select_topk, b.repeat, b.select_recent + 1,
-               b.intervals + 1) < 1
+               b.intervals + 1, b.eval_tokens + 1) < 1
            or b.select_recent + b.select_topk >= b.mem_len for b in settings or [args]):
-        die('need --seg_len --batch_size --select_topk --repeat >= 1, --select_recent and '
-            '--intervals >= 0, and '
+        die('need --seg_len --batch_size --select_topk --repeat >= 1, --select_recent, '
+            '--intervals and --eval_tokens >= 0, and '
             '--select_recent + --select_topk < --mem_len (else nothing is dropped)')
     layers_ok = all(0 <= i < mc['n_layer'] for i in args.select_layers)
     layers_ok = layers_ok and -mc['n_layer'] <= args.layer < mc['n_layer']    # -1: the last
     if not layers_ok or not 0 <= args.head < mc['n_head']:
         die(f"--select_layers / --layer / --head out of range: {mc['n_layer']} layers, "
             f"{mc['n_head']} heads")
+    if args.device not in devices():
+        die(f"unknown device '{args.device}': use one of {', '.join(devices())}")
     if args.device == 'auto':
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     device = torch.device(args.device)
     try:
         corpus = data.load_corpus(task, args.data_dir or tc['data_dir'],
                                   args.data_path or tc['data_path'])
+        for b in settings or [args]:             # the test split must fill batch_size streams
+            data.Stream(corpus.test, b.batch_size, b.seg_len)
     except data.DataError as e:
         die(str(e))
     model = MemTransformer(ModelConfig(**mc)).to(device).eval()
