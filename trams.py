@@ -178,8 +178,6 @@ def attach(model, sel):
 
 
 # ----------------------------------------------------------------------------- command line
-
-
 def evaluate(model, tokens, sel, args, device):
     """Paper protocol: contiguous streams, every target scored once, memory carried. Returns
     (mean NLL, tokens scored, seconds, probability on memory, peak MB, blocks): blocks (N, 2)
