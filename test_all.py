@@ -756,6 +756,13 @@ def test_bad_input_exits_2_with_one_line():
             # another exception fails the test; a case's own --out_dir wins over this one
             code, out, err = train_main('--out_dir', f'{d}/o', *args.split())
             assert code == 2 and len(err.strip().splitlines()) == 1, (args, code, err)
+    # 2 ranks that would resume different steps (a node that cannot see rank 0's checkpoint on
+    # another file system) stop together, in one line; agreeing ranks go on
+    env = train.Env('cpu', 0, 2, True, torch.float32, None, None, True, False)
+    for theirs, stop in ((3, False), (0, True)):
+        with _patch(train.dist, all_gather_object=lambda steps, s: steps.__setitem__(1, theirs)):
+            code, _, err = train_main(main=lambda argv: train.agree_on_start(3, env))
+        assert (code == 2 and 'same --out_dir' in err) == stop and err.count('\n') == stop, err
 
 
 def test_preset_choice_quick_default_on_every_device():
