@@ -94,8 +94,8 @@ def leave(code):
     """End the process with `code`. Under torchrun, skip the interpreter's shutdown: gloo's worker
     threads may still be freeing finished collectives, and freeing one that holds a Python object
     takes the GIL, which aborts the process once shutdown has begun (SIGABRT, in a few percent of
-    two-node runs here; pytorch/pytorch#179291). Checkpoints are synced to disk as they are written:
-    skipping the shutdown loses nothing."""
+    two-node runs here; pytorch/pytorch#179291). Nor is the process group destroyed: the exit frees
+    it. Checkpoints are synced to disk as they are written: skipping the shutdown loses nothing."""
     if dist.is_initialized():
         sys.stdout.flush()
         sys.stderr.flush()
@@ -692,6 +692,6 @@ def main(argv):
 
 if __name__ == '__main__':
     main(sys.argv[1:])
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if dist.is_initialized():    # every rank is done with every collective before any leaves
+        dist.barrier()
     leave(0)
