@@ -582,8 +582,9 @@ def stop_final_test(signum, frame):
 # ----------------------------------------------------------------------------- main
 def main(argv):
     if '--help' in argv or '-h' in argv:
-        for c in (ModelConfig, TrainConfig):
-            print(' '.join(f'--{f.name} {f.default!r}' for f in fields(c)))
+        for c in (ModelConfig, TrainConfig):     # the data set vocab_size and cutoffs
+            flags = [f for f in fields(c) if f.name not in FROM_DATA]
+            print(' '.join(f'--{f.name} {f.default!r}' for f in flags))
         return
     # config: defaults <- preset <- flags, or a checkpoint's configs <- flags
     given = parse_flags(argv)
