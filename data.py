@@ -195,6 +195,19 @@ def answer_metrics(model, x, y, w, ans_len, score_len):
             exact.sum().item(), empty.sum().item(), (exact & empty).sum().item()]
 
 
+def show_example(task, ids):
+    """Token ids of an algorithmic example as text a reader can check. copy, reverse: symbols
+    2.. as digits 0.., the start token 1 as '|'; retrieval: keys 11..36 as letters a..z, values
+    0..9 as digits, the separator 10 as '?'; sqeq: its characters, padding as '_'."""
+    ids = [int(i) for i in ids]
+    if task == 'sqeq':
+        return ''.join('_' if i < 2 else SQEQ_CHARS[i - 2] for i in ids)
+    if task == 'retrieval':
+        chars = '0123456789?abcdefghijklmnopqrstuvwxyz'       # ids 0..36
+        return ''.join(chars[i] for i in ids)
+    return ''.join('|' if i == 1 else str(i - 2) for i in ids)
+
+
 # ----------------------------------------------------------------------------- language modelling
 
 ENWIK8_URL = 'http://mattmahoney.net/dc/enwik8.zip'
@@ -215,11 +228,21 @@ class Corpus:
     itos: list | None = None  # id -> word for word-level corpora; None = bytes
 
     def encode(self, text):
+        """Token ids of text: its UTF-8 bytes, or its words, each of which the vocabulary must
+        hold (DataError otherwise: the data's own unknown word is spelled <unk>)."""
         if self.itos is None:
-            return np.frombuffer(text.encode('utf-8'), np.uint8).astype(np.int64)
-        stoi = {w: i for i, w in enumerate(self.itos)}
-        words = text.replace('\n', ' <eos> ').split()  # a newline ends a line, as in training
-        return np.array([stoi.get(w, stoi['<unk>']) for w in words], np.int64)
+            ids = np.frombuffer(text.encode('utf-8'), np.uint8).astype(np.int64)
+        else:
+            stoi = {w: i for i, w in enumerate(self.itos)}
+            words = text.replace('\n', ' <eos> ').split()  # a newline ends a line, as in training
+            unknown = [w for w in words if w not in stoi]
+            if unknown:
+                raise DataError(f"'{unknown[0]}' is not in the vocabulary ({len(unknown)} unknown "
+                                'words): use other words, or <unk>')
+            ids = np.array([stoi[w] for w in words], np.int64)
+        if len(ids) == 0:
+            raise DataError('the text holds no token: give at least one character or word')
+        return ids
 
     def decode(self, ids):
         ids = np.asarray(ids.cpu() if torch.is_tensor(ids) else ids).reshape(-1)
@@ -410,6 +433,7 @@ class Data:
     vocab_size: int
     cutoffs: tuple = ()        # wt103: the adaptive softmax clusters
     spec: dict = None          # algorithmic tasks: vocab_size, ans_len, score_len
+    corpus: Corpus = None      # LM tasks: the corpus, whose encode and decode generation uses
 
 
 def load(task, seq_len, seed, data_dir, data_path, rows, window, rank=0, world=1):
@@ -426,7 +450,8 @@ def load(task, seq_len, seed, data_dir, data_path, rows, window, rank=0, world=1
     loaders = {s: Stream(getattr(corpus, s), rows, 0, rank, world) for s in ('val', 'test')}
     loaders['train'] = Stream(corpus.train, rows, window, rank, world)
     checksums = {s: split_checksum(getattr(corpus, s)) for s in SPLITS}
-    return Data(loaders, checksums, corpus.vocab_size, tuple(corpus.cutoffs or ()))
+    return Data(loaders, checksums, corpus.vocab_size, tuple(corpus.cutoffs or ()),
+                corpus=corpus)
 
 
 if __name__ == '__main__':

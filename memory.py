@@ -70,7 +70,7 @@ def update_kept(kept, P, n_read, T, mem_len):
     return cut
 
 
-def to_device(state, device):
+def move_state(state, device):
     """A state (or the plain (cache, mem) tuple a checkpoint holds) moved to device. `kept` is
     dropped: it exists only during evaluation, and attention recomputes it from the cache."""
     if state is None:

@@ -7,6 +7,11 @@ Every architecture of the RMT paper behind one flag, `arch`:
   xl_rmt    Transformer-XL + RMT: both
 Memory handling and the segment loop live in memory.py.
 
+Read in this order: the config, the mask (`build_mask`), positions (`sinusoid`, `rel_shift`),
+attention (`attention`, `RelAttention`, and `keep_all`, the step TRAMS overrides), the block, the
+model (`MemTransformer.segment`: one segment, memory in and out). Below a banner at the end: the
+pieces that exist only for speed, each tested equal to the plain formula it replaces.
+
 Shape legend: B batch, T segment tokens, M memory slots, P cached positions (xl), S = M+T+M
 positions in the block, K = P+S keys, R = K+S relative distances, L layers, H heads,
 D head dim, C d_model, V vocab.
@@ -23,14 +28,15 @@ import memory
 ARCHS = ('baseline', 'mt', 'xl', 'rmt', 'xl_rmt')
 
 
+# ----------------------------------------------------------------------------- config
 @dataclass
 class ModelConfig:
     arch: str = 'rmt'          # baseline | mt | xl | rmt | xl_rmt
     vocab_size: int = 12       # V; set from the task's data
-    n_layer: int = 2           # L
-    n_head: int = 2            # H
-    d_model: int = 64          # C
-    d_head: int = 32           # D; n_head * d_head need not equal d_model
+    n_layer: int = 2           # L: blocks (layers)
+    n_head: int = 2            # H: attention heads per layer
+    d_model: int = 64          # C: model width; even (sinusoidal positions: sin, cos pairs)
+    d_head: int = 32           # D: head width; n_head * d_head need not equal d_model
     d_inner: int = 128         # FFN hidden size
     dropout: float = 0.0       # on embeddings, positional embeddings, attention output, FFN
     dropatt: float = 0.0       # on attention probabilities
@@ -44,8 +50,7 @@ class ModelConfig:
     grad_checkpoint: bool = False  # recompute each segment in the backward pass: less memory
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown arch '{self.arch}': use one of {', '.join(ARCHS)}")
+        check_limits(self, MODEL_LIMITS)
         # the arch decides which memory knobs exist; unused ones are zeroed so configs stay true
         if self.arch not in ('xl', 'xl_rmt'):
             self.mem_len = 0
@@ -57,25 +62,49 @@ class ModelConfig:
             raise ValueError(f'--arch {self.arch} needs --n_mem_tokens >= 1')
         if self.aux_mem_loss and self.arch not in ('rmt', 'xl_rmt'):
             raise ValueError('--aux_mem_loss needs --arch rmt or xl_rmt')
-        if self.seg_len < 1:
-            raise ValueError('--seg_len must be >= 1')
-        if self.bptt_depth < -1:
-            raise ValueError('--bptt_depth must be -1 (full), 0 or a positive number of segments')
-        for k in ('vocab_size', 'n_layer', 'n_head', 'd_model', 'd_head', 'd_inner'):
-            if getattr(self, k) < 1:
-                raise ValueError(f'--{k} must be >= 1')
         if self.d_model % 2:
             raise ValueError(f'--d_model must be even (sinusoidal positions take sin and cos '
                              f'pairs), got {self.d_model}')
-        if not 0 <= self.aux_mem_loss < math.inf:
-            raise ValueError(f'--aux_mem_loss must be >= 0 and finite, got {self.aux_mem_loss}')
-        for k in ('dropout', 'dropatt'):
-            if not 0 <= getattr(self, k) < 1:          # also catches nan
-                raise ValueError(f'--{k} must be in [0, 1), got {getattr(self, k)}')
         if list(self.cutoffs) != sorted(set(self.cutoffs)) or min(self.cutoffs, default=1) < 1:
             raise ValueError(f'--cutoffs must be increasing positive ids, got {self.cutoffs}')
 
 
+# the allowed values of each field that has a fixed limit (the memory knobs depend on the arch:
+# checked above); the same table form serves TrainConfig (train.py) and trams.py
+MODEL_LIMITS = dict(arch=ARCHS, vocab_size='>= 1', n_layer='>= 1', n_head='>= 1',
+                    d_model='>= 1', d_head='>= 1', d_inner='>= 1', dropout='[0, 1)',
+                    dropatt='[0, 1)', seg_len='>= 1', bptt_depth='>= -1', aux_mem_loss='>= 0')
+
+
+def check_limits(cfg, limits):
+    """Raise ValueError, in one line naming the flag, for the first field of cfg outside its
+    limit: a tuple of allowed values, or for a number '>= a', '> a' or '[a, b)' (a finite number
+    within; nan fails every comparison, so it is refused too)."""
+    for name, limit in limits.items():
+        value = getattr(cfg, name)
+        if isinstance(limit, tuple):
+            if value not in limit:
+                raise ValueError(f"unknown {name} '{value}': use one of "
+                                 f"{', '.join(map(str, limit))}")
+            continue
+        if limit.startswith('['):                    # [low, high)
+            low, high = (_number(b) for b in limit[1:-1].split(','))
+            ok, text = low <= value < high, f'in {limit}'
+        else:                                        # '>= low' or '> low'
+            op, low = limit.split()
+            ok, text = value > _number(low) or (op == '>=' and value == _number(low)), limit
+        if not (ok and math.isfinite(value)):
+            raise ValueError(f'--{name} must be {text}, got {value}')
+
+
+def _number(text):  # an int where the text is one (exact for 63-bit seeds), else a float
+    text = text.strip()
+    if text.lstrip('-').isdigit():
+        return int(text)
+    return float(text)
+
+
+# ----------------------------------------------------------------------------- the mask
 def build_mask(P, n_read, T, n_write, device=None):
     """Boolean (S, K) mask, True = may attend, for keys [cache P | read | tokens T | write] and
     queries [read | tokens | write]. Built once per forward, shared by layers. For P=2, 2 read
@@ -97,6 +126,7 @@ def build_mask(P, n_read, T, n_write, device=None):
     return mask                                        # (S, K)
 
 
+# ----------------------------------------------------------------------------- positions
 def sinusoid(pos, C):
     """Sinusoidal embedding (Vaswani et al.) of (signed) distances pos (R,) -> (R, C)."""
     inv_freq = 1.0 / (10000 ** (torch.arange(0, C, 2, device=pos.device, dtype=torch.float) / C))
@@ -118,70 +148,34 @@ def rel_shift(x, K):
     return x.view(*lead, S, R - 1)[..., :K]
 
 
-class RelShift(torch.autograd.Function):
-    """rel_shift with a cheaper backward. Autograd's backward of its two slices fills
-    two zero tensors of x's size and copies the gradient twice; the gradient of x is the output's
-    gradient written through the same strided view into one zero tensor. Tested equal to
-    rel_shift, values and gradients."""
-
-    @staticmethod
-    def forward(ctx, x, K):
-        ctx.shape = x.shape
-        return rel_shift(x, K)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad_x = grad.new_zeros(ctx.shape)
-        rel_shift(grad_x, grad.size(-1)).copy_(grad)
-        return grad_x, None
-
-
-def keep_mask(shape, p):
-    """Dropout's keep mask (True = keep) with P(keep) = 1 - round(p * 2^15) / 2^15, within 2e-5 of
-    1 - p. torch's own dropout on the CPU draws one random double per element (bernoulli_), the
-    largest cost after the matmuls in bf16 training; 15 random bits per element are enough, and
-    one 63-bit integer from random_ gives four of them: 3.8x cheaper at the FFN's size. The bit
-    mask runs on the 64-bit integers (10x faster than on int16), the comparison per 16-bit half."""
-    n = math.prod(shape)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_()      # 63 random bits each
-    halves = (bits & 0x7FFF7FFF7FFF7FFF).view(torch.int16)[:n]          # four 15-bit numbers each
-    return (halves >= round(p * 2 ** 15)).view(shape)
-
-
-def dropout(x, p):
-    """Training-time dropout: zero each element with probability p, scale the rest by 1/(1-p).
-    On CUDA torch's fused kernel; on the CPU the cheaper mask above (the same distribution)."""
-    if p == 0:
-        return x
-    if x.is_cuda:
-        return F.dropout(x, p)
-    return torch.where(keep_mask(x.shape, p), x * (1 / (1 - p)), 0)
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout through `dropout` above."""
-
-    def forward(self, x):
-        if not self.training:
-            return x
-        return dropout(x, self.p)
-
-
-def attention(q, k, v, bd, mask, dropatt=0.0):
-    """softmax(q·kᵀ/sqrt(D) + bd, masked)·v; q (B, H, S, D), k and v (B, H, K, D), positional term
-    bd (B, H, S, K) already scaled, mask (S, K) True = may attend. SDPA where it is the faster
-    kernel (CUDA; CPU fp32 inference). On the CPU, SDPA falls back to a slower path when its bias
-    needs a gradient or in bf16 (2.5x slower in our bench), so the plain formula runs there; it
-    also masks in place and never builds the bias. test_all.py checks that both paths agree."""
+# ----------------------------------------------------------------------------- attention
+def attention(q, k, val, pos_scores, mask, dropatt=0.0):
+    """softmax(q·kᵀ/sqrt(D) + pos_scores, masked)·val: q (B, H, S, D), k and val (B, H, K, D),
+    the positional term pos_scores (B, H, S, K) already scaled, mask (S, K) True = may attend.
+    This plain formula is what CPU training runs; where SDPA is the faster kernel (CUDA, CPU fp32
+    inference: `use_sdpa`, below the banner at the end), SDPA runs instead (tested equal)."""
+    if use_sdpa(q):
+        return sdpa_attention(q, k, val, pos_scores, mask, dropatt)
     B, H, S, D = q.shape
-    if q.is_cuda or (q.dtype == torch.float32 and not torch.is_grad_enabled()):
-        return F.scaled_dot_product_attention(q, k, v, bd.masked_fill(~mask, float('-inf')),
-                                              dropout_p=dropatt)
-    a = torch.baddbmm(bd.flatten(0, 1), q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2),
+    a = torch.baddbmm(pos_scores.flatten(0, 1), q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2),
                       alpha=1 / math.sqrt(D)).view(B, H, S, -1)                  # (B, H, S, K)
     a = a.masked_fill_(~mask, float('-inf')).softmax(-1)
     a = dropout(a, dropatt)
-    return a @ v                                                                 # (B, H, S, D)
+    return a @ val                                                               # (B, H, S, D)
+
+
+def keep_all(attn, q_u, keys, values, pos_scores, mask, kept):
+    """The narrowing step of plain Transformer-XL: attend to every key, each at its true distance.
+    TRAMS (trams.attach) replaces this step, and only this one, by its memory selection.
+      q_u (B, H, S, D) the queries plus the content bias u (TRAMS scores with them)
+      keys, values (B, H, K, D) of [cache | block]; pos_scores (B, H, S, K); mask (S, K)
+      kept: memory.Kept of the cache (evaluation) or None, with the scores TRAMS kept
+    -> keys, values, pos_scores, mask to attend, and what the next segment keeps of this one's
+    keys: memory.Kept of all K in evaluation (no gradient: the weights are fixed), else None."""
+    new_kept = None
+    if not torch.is_grad_enabled():
+        new_kept = memory.Kept(keys, values, None)
+    return keys, values, pos_scores, mask, new_kept
 
 
 class RelAttention(nn.Module):
@@ -199,27 +193,29 @@ class RelAttention(nn.Module):
         self.o = nn.Linear(cfg.n_head * cfg.d_head, cfg.d_model, bias=False)
         self.drop = Dropout(cfg.dropout)
         self.dropatt = cfg.dropatt
-        self.selection = None     # TRAMS: a trams.Selection, set for evaluation only (trams.attach)
+        # which keys to attend: every one (plain XL); trams.attach installs TRAMS's selection
+        self.narrow = keep_all
 
-    def forward(self, h, cache, kept, pos, u, v, mask):
-        """h (B, S, C) with the layer's cache (B, P, C) or None, and in evaluation the cache's
-        keys and values (memory.Kept) or None -> output (B, S, C), and memory.Kept of
-        [cache | h] in evaluation (None in training)."""
+    def forward(self, h, *, cache, kept, pos, mask, u, v):
+        """One layer's attention over [cache | h].
+          h      (B, S, C)  the block [read | tokens | write]
+          cache  (B, P, C)  this layer's XL cache (its inputs of earlier segments), or None
+          kept   memory.Kept of the cache's keys and values (evaluation only), or None
+          pos    (R, C)     embeddings of every distance a query has to a key, K-1 down to -S
+          mask   (S, K)     True = may attend
+          u, v   (H, D)     content and position biases of the paper, shared by all layers
+        -> output (B, S, C), and memory.Kept of [cache | h] in evaluation (None in training)."""
         B, S, _ = h.shape
         q = self.q(h).view(B, S, self.H, self.D).transpose(1, 2)                 # (B, H, S, D)
         u, v = u.to(q.dtype)[:, None], v.to(q.dtype)[:, None]   # (H, 1, D); bf16 stays bf16
-        if self.selection is not None and cache is not None and not self.training:
-            y, kept = self.selection.attend(self, q, h, cache, kept, pos, u, v, mask)  # TRAMS
-            return self.drop(self.o(y.transpose(1, 2).reshape(B, S, -1))), kept  # (B, S, C)
-        k, val = self.keys_values(h, cache, kept)                                # (B, H, K, D)
-        K = k.size(2)
-        bd = self.position_scores(q, v, pos)                                     # (H, B, S, R)
-        bd = RelShift.apply(bd, K).transpose(0, 1)                               # (B, H, S, K)
-        y = attention(q + u, k, val, bd, mask, self.dropatt if self.training else 0.0)
-        kept = None
-        if not torch.is_grad_enabled():
-            kept = memory.Kept(k, val, None)
-        return self.drop(self.o(y.transpose(1, 2).reshape(B, S, -1))), kept      # (B, S, C)
+        keys, values = self.keys_values(h, cache, kept)                          # (B, H, K, D)
+        pos_scores = self.position_scores(q, v, pos)                             # (H, B, S, R)
+        pos_scores = RelShift.apply(pos_scores, keys.size(2)).transpose(0, 1)    # (B, H, S, K)
+        q_u = q + u
+        keys, values, pos_scores, mask, new_kept = self.narrow(
+            self, q_u, keys, values, pos_scores, mask, kept)
+        y = attention(q_u, keys, values, pos_scores, mask, self.dropatt if self.training else 0.0)
+        return self.drop(self.o(y.transpose(1, 2).reshape(B, S, -1))), new_kept  # (B, S, C)
 
     def position_scores(self, q, v, pos):
         """(q_i+v)·W_R r / sqrt(D) for every query and distance of pos (R, C): (H, B, S, R), head
@@ -227,8 +223,8 @@ class RelAttention(nn.Module):
         (H, B*S, D) x (H, D, R), rather than B*H small ones."""
         B, H, S, D = q.shape
         r = self.r(pos).view(-1, H, D)                                           # (R, H, D)
-        qv = ((q + v) / math.sqrt(D)).transpose(0, 1).reshape(H, B * S, D)      # (H, B*S, D)
-        return (qv @ r.permute(1, 2, 0)).view(H, B, S, -1)                       # (H, B, S, R)
+        q_v = ((q + v) / math.sqrt(D)).transpose(0, 1).reshape(H, B * S, D)     # (H, B*S, D)
+        return (q_v @ r.permute(1, 2, 0)).view(H, B, S, -1)                      # (H, B, S, R)
 
     def keys_values(self, h, cache, kept):
         """Keys and values (B, H, P+S, D) of [cache | h]. Evaluation (no gradient) reuses `kept`,
@@ -240,13 +236,13 @@ class RelAttention(nn.Module):
         if reuse and kept.keys.size(2) != cache.size(1):
             raise RuntimeError(f'{kept.keys.size(2)} kept keys for a cache of {cache.size(1)}: '
                                'state out of step')
-        hk = h
+        inputs = h
         if cache is not None and not reuse:
-            hk = torch.cat([cache, h], 1)                                        # (B, P+S, C)
-        k, v = self.kv(hk).view(B, -1, 2, H, D).permute(2, 0, 3, 1, 4)           # (B, H, ., D)
+            inputs = torch.cat([cache, h], 1)                                    # (B, P+S, C)
+        k, val = self.kv(inputs).view(B, -1, 2, H, D).permute(2, 0, 3, 1, 4)     # (B, H, ., D)
         if reuse:
-            k, v = torch.cat([kept.keys, k], 2), torch.cat([kept.values, v], 2)  # (B, H, P+S, D)
-        return k, v
+            k, val = torch.cat([kept.keys, k], 2), torch.cat([kept.values, val], 2)  # (B,H,K,D)
+        return k, val
 
 
 class Block(nn.Module):
@@ -261,12 +257,14 @@ class Block(nn.Module):
                                 Dropout(cfg.dropout))
         self.ln2 = nn.LayerNorm(cfg.d_model)
 
-    def forward(self, h, cache, kept, pos, u, v, mask):
-        y, kept = self.attn(h, cache, kept, pos, u, v, mask)
+    def forward(self, h, **attn_inputs):
+        """h (B, S, C); attn_inputs: RelAttention.forward's cache, kept, pos, mask, u, v."""
+        y, kept = self.attn(h, **attn_inputs)
         h = self.ln1(h + y)
         return self.ln2(h + self.ff(h)), kept
 
 
+# ----------------------------------------------------------------------------- the model
 class MemTransformer(nn.Module):
     """Decoder-only Transformer with relative positions and optional XL cache / memory tokens.
     forward(idx, state, targets) -> (log-probs (B, T, V) or per-token NLL (B, T), new state).
@@ -282,14 +280,18 @@ class MemTransformer(nn.Module):
         self.u = nn.Parameter(torch.zeros(H, D))       # content bias, shared by all layers
         self.v = nn.Parameter(torch.zeros(H, D))       # position bias, shared by all layers
         # RMT/MT: learned initial memory (M, C), filled in below
-        self.mem_init = nn.Parameter(torch.zeros(cfg.n_mem_tokens, C)) if cfg.n_mem_tokens else None
+        self.mem_init = None
+        if cfg.n_mem_tokens:
+            self.mem_init = nn.Parameter(torch.zeros(cfg.n_mem_tokens, C))
         self.blocks = nn.ModuleList(Block(cfg, l) for l in range(cfg.n_layer))
         if cfg.cutoffs:  # word-level LM: adaptive softmax (Grave et al. 2017), untied (README)
             self.asm = nn.AdaptiveLogSoftmaxWithLoss(C, cfg.vocab_size, list(cfg.cutoffs))
         else:            # output weights = tok_emb, plus a bias
             self.asm, self.out_bias = None, nn.Parameter(torch.zeros(cfg.vocab_size))
         # RMT auxiliary loss: the output logit of the memory's own target, id V (no data token)
-        self.mem_target = nn.Linear(C, 1) if cfg.aux_mem_loss else None
+        self.mem_target = None
+        if cfg.aux_mem_loss:
+            self.mem_target = nn.Linear(C, 1)
         self.apply(self._init)
         for p in (self.u, self.v):
             nn.init.normal_(p, std=0.02)
@@ -318,15 +320,21 @@ class MemTransformer(nn.Module):
                                    self.cfg.bptt_depth, self.cfg.grad_checkpoint)
 
     def segment(self, idx, state=None, targets=None):
-        """One segment: idx (B, T) with the state of the previous segment."""
+        """One segment: idx (B, T) with the state of the previous segment (memory.State or None).
+        -> log-probs (B, T, V), or per-token NLL (B, T) given targets, and the next state."""
         cfg = self.cfg
-        cache, mem, kept = state if state is not None else (None, None, None)
+        cache, mem, kept = None, None, None
+        if state is not None:
+            cache, mem, kept = state
         B, T = idx.shape
         x = self.drop(self.tok_emb(idx) * math.sqrt(cfg.d_model))                 # (B, T, C)
-        if cfg.n_mem_tokens and (mem is None or cfg.arch == 'mt'):
+        # the first segment reads the learned initial memory; MT reads it in every segment
+        if mem is None and cfg.n_mem_tokens:
             mem = self.mem_init.expand(B, -1, -1)                               # (B, M, C)
         h, n_read, n_write = memory.read_write(x, mem, cfg.arch)                  # (B, S, C)
-        P = 0 if cache is None else cache[0].size(1)
+        P = 0
+        if cache is not None:
+            P = cache[0].size(1)
         S = h.size(1)
         mask = build_mask(P, n_read, T, n_write, idx.device)                     # (S, K)
         # every distance a query can have to a key, descending: P+S-1 (the oldest cached state
@@ -338,15 +346,21 @@ class MemTransformer(nn.Module):
         hids, new_kept = [], []
         for l, block in enumerate(self.blocks):
             hids.append(h[:, n_read:n_read + T])   # XL caches token positions, never memory slots
-            cache_l = None if cache is None else cache[l]
-            kept_l = None if kept is None else kept[l]
-            h, kept_l = block(h, cache_l, kept_l, pos, self.u, self.v, mask)
+            cache_l, kept_l = None, None
+            if cache is not None:
+                cache_l = cache[l]
+            if kept is not None:
+                kept_l = kept[l]
+            h, kept_l = block(h, cache=cache_l, kept=kept_l, pos=pos, mask=mask, u=self.u,
+                              v=self.v)
             new_kept.append(kept_l)
         h = self.drop(h)
         cache = memory.update_cache(cache, hids, cfg.mem_len)
         kept = memory.update_kept(new_kept, P, n_read, T, cfg.mem_len)
         mem = memory.write_memory(h, n_write)
-        new_state = None if cache is None and mem is None else memory.State(cache, mem, kept)
+        new_state = None
+        if cache is not None or mem is not None:
+            new_state = memory.State(cache, mem, kept)
         out = h[:, n_read:n_read + T]                                            # (B, T, C)
         if targets is None:
             return self.log_probs(out), new_state                                # (B, T, V)
@@ -368,6 +382,41 @@ class MemTransformer(nn.Module):
         logits = torch.cat([real, self.mem_target(mem)], -1).float()      # (B, M, V+1)
         return logits.logsumexp(-1) - logits[..., -1]                     # (B, M)
 
+    def log_probs(self, h):
+        """Log-probabilities (B, T, V): tied output layer with bias, or the adaptive softmax."""
+        if self.asm is not None:
+            return self.asm.log_prob(h.flatten(0, 1)).view(*h.shape[:2], -1)
+        return F.log_softmax(F.linear(h, self.tok_emb.weight, self.out_bias), -1)
+
+    def nll(self, h, targets):
+        """Per-position negative log-likelihood (B, T) of targets."""
+        if self.asm is not None:
+            return -self.asm(h.flatten(0, 1), targets.flatten()).output.view(targets.shape)
+        logits = F.linear(h, self.tok_emb.weight, self.out_bias)                 # (B, T, V)
+        return F.cross_entropy(logits.transpose(1, 2), targets, reduction='none')
+
+    @torch.no_grad()
+    def generate(self, prompt, n_new, state=None, temperature=0.0, top_k=0, generator=None):
+        """Continue prompt (B, T0 >= 1) by n_new tokens, segment by segment with the memory
+        carried, exactly as in training: the current (partial) segment is recomputed from the
+        state before it for every new token (RMT write memory depends on the whole segment).
+        temperature 0: greedy (argmax); else sample from softmax(logits / temperature), among
+        the top_k most likely tokens if top_k > 0, drawing from `generator`. Returns (B, n_new)."""
+        seg_len, new = self.cfg.seg_len, []
+        n_full = (prompt.size(1) - 1) // seg_len
+        if n_full:
+            _, state = self(prompt[:, :n_full * seg_len], state)
+        cur = prompt[:, n_full * seg_len:]                                       # (B, 1..T)
+        for _ in range(n_new):
+            logits, next_state = self.segment(cur, state)
+            nxt = next_token(logits[:, -1].float(), temperature, top_k, generator)  # (B, 1)
+            new.append(nxt)
+            if cur.size(1) == seg_len:               # segment full: its state becomes the memory
+                state, cur = next_state, nxt
+            else:
+                cur = torch.cat([cur, nxt], 1)
+        return torch.cat(new, 1)
+
     def flops_per_token(self, train=True):
         """Model FLOPs per segment token (2 per multiply-add; backward = 2x forward): projections
         (keys and values over the K = P+S keys in training, over the S new ones in evaluation,
@@ -375,7 +424,9 @@ class MemTransformer(nn.Module):
         layer. W_R runs once per segment for the whole batch: left out. For MFU."""
         cfg = self.cfg
         T, HD, M = cfg.seg_len, cfg.n_head * cfg.d_head, cfg.n_mem_tokens
-        S = T + (2 * M if cfg.arch in ('rmt', 'xl_rmt') else M)
+        S = T + M
+        if cfg.arch in ('rmt', 'xl_rmt'):
+            S = T + 2 * M
         K, C, projected, passes = cfg.mem_len + S, cfg.d_model, S, 1
         if train:
             projected, passes = K, 3
@@ -396,36 +447,82 @@ class MemTransformer(nn.Module):
             return f'{flops:.3f} TFLOP/s'
         return f'{flops:.1f} TFLOP/s | mfu {flops / peak:.1%}'
 
-    def log_probs(self, h):
-        """Log-probabilities (B, T, V): tied output layer with bias, or the adaptive softmax."""
-        if self.asm is not None:
-            return self.asm.log_prob(h.flatten(0, 1)).view(*h.shape[:2], -1)
-        return F.log_softmax(F.linear(h, self.tok_emb.weight, self.out_bias), -1)
 
-    def nll(self, h, targets):
-        """Per-position negative log-likelihood (B, T) of targets."""
-        if self.asm is not None:
-            return -self.asm(h.flatten(0, 1), targets.flatten()).output.view(targets.shape)
-        logits = F.linear(h, self.tok_emb.weight, self.out_bias)                 # (B, T, V)
-        return F.cross_entropy(logits.transpose(1, 2), targets, reduction='none')
+def next_token(logits, temperature=0.0, top_k=0, generator=None):
+    """One token per row of logits (B, V): the argmax at temperature 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k largest logits (0 = all). -> (B, 1)"""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.size(-1))).values[:, -1:]            # (B, 1)
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    return torch.multinomial(F.softmax(logits, -1), 1, generator=generator)      # (B, 1)
 
-    @torch.no_grad()
-    def generate(self, prompt, n_new, state=None):
-        """Continue prompt (B, T0 >= 1) greedily by n_new tokens, segment by segment with the
-        memory carried, exactly as in training: the current (partial) segment is recomputed from
-        the state before it for every new token (RMT write memory depends on the whole segment).
-        Returns (B, n_new)."""
-        seg_len, new = self.cfg.seg_len, []
-        n_full = (prompt.size(1) - 1) // seg_len
-        if n_full:
-            _, state = self(prompt[:, :n_full * seg_len], state)
-        cur = prompt[:, n_full * seg_len:]                                       # (B, 1..T)
-        for _ in range(n_new):
-            logits, next_state = self.segment(cur, state)
-            nxt = logits[:, -1].argmax(-1, keepdim=True)                         # (B, 1)
-            new.append(nxt)
-            if cur.size(1) == seg_len:               # segment full: its state becomes the memory
-                state, cur = next_state, nxt
-            else:
-                cur = torch.cat([cur, nxt], 1)
-        return torch.cat(new, 1)
+
+# ============================================================================= speed only
+# Everything below exists only to make the code above faster. Each piece is tested equal (values
+# and gradients, or the distribution) to the plain formula it replaces; a learner may skip it.
+
+class RelShift(torch.autograd.Function):
+    """rel_shift (above) with a cheaper backward. Autograd's backward of its two slices fills
+    two zero tensors of x's size and copies the gradient twice; the gradient of x is the output's
+    gradient written through the same strided view into one zero tensor. Tested equal to
+    rel_shift, values and gradients."""
+
+    @staticmethod
+    def forward(ctx, x, K):
+        ctx.shape = x.shape
+        return rel_shift(x, K)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = grad.new_zeros(ctx.shape)
+        rel_shift(grad_x, grad.size(-1)).copy_(grad)
+        return grad_x, None
+
+
+def use_sdpa(q):
+    """Where torch's fused attention (SDPA) beats the plain formula of `attention`: on CUDA, and
+    for CPU fp32 inference. On the CPU, SDPA falls back to a slower path when its bias needs a
+    gradient or in bf16 (2.5x slower in our bench); the plain formula also masks in place and
+    never builds the bias. test_all.py checks that both paths agree."""
+    return q.is_cuda or (q.dtype == torch.float32 and not torch.is_grad_enabled())
+
+
+def sdpa_attention(q, k, val, pos_scores, mask, dropatt):
+    """`attention` through F.scaled_dot_product_attention: the mask folded into the bias."""
+    return F.scaled_dot_product_attention(q, k, val, pos_scores.masked_fill(~mask, float('-inf')),
+                                          dropout_p=dropatt)
+
+
+def dropout(x, p):
+    """Training-time dropout: zero each element with probability p, scale the rest by 1/(1-p).
+    On CUDA torch's fused kernel (F.dropout, the plain formula); on the CPU the cheaper mask
+    below (the same distribution, tested)."""
+    if p == 0:
+        return x
+    if x.is_cuda:
+        return F.dropout(x, p)
+    return torch.where(keep_mask(x.shape, p), x * (1 / (1 - p)), 0)
+
+
+def keep_mask(shape, p):
+    """Dropout's keep mask (True = keep) with P(keep) = 1 - round(p * 2^15) / 2^15, within 2e-5 of
+    1 - p. torch's own dropout on the CPU draws one random double per element (bernoulli_), the
+    largest cost after the matmuls in bf16 training; 15 random bits per element are enough, and
+    one 63-bit integer from random_ gives four of them: 3.8x cheaper at the FFN's size. The bit
+    mask runs on the 64-bit integers (10x faster than on int16), the comparison per 16-bit half."""
+    n = math.prod(shape)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_()      # 63 random bits each
+    halves = (bits & 0x7FFF7FFF7FFF7FFF).view(torch.int16)[:n]          # four 15-bit numbers each
+    return (halves >= round(p * 2 ** 15)).view(shape)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout through `dropout` above."""
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        return dropout(x, self.p)

@@ -1,6 +1,7 @@
 """The single-command CPU test run: `python test_all.py` (or `python -m pytest test_all.py`). Each
 test checks a property that a real bug would break; fixed seeds, tiny configs, no network."""
 import contextlib
+import dataclasses
 import fcntl
 import http.client
 import io
@@ -384,6 +385,7 @@ def test_wt103_text_corpora_and_data_cli():
         assert c.val.tolist() == [1, 9, 5, 0] and c.test.tolist() == [1, 4, 0]  # bird: <unk>
         assert c.decode(c.val) == 'the <unk> sat\n'
         assert c.encode('the cat\nsat').tolist() == [1, 4, 0, 5]
+        assert 'zebra' in _raises(c.encode, 'the zebra sat')   # generation: a word it lacks
         c = wt103(f'{d}/2', 'a b a\n', 'c a\n', 'b\n')  # no <unk> in train: it is added
         assert c.itos == ['a', 'b', '<eos>', '<unk>'] and c.val.tolist() == [3, 0, 2]
     with tempfile.TemporaryDirectory() as d:  # text: any file, as bytes, read in place
@@ -526,14 +528,55 @@ def test_adaptive_softmax_normalised_loss_matches_and_generation_equals_forward(
     assert torch.allclose(logp.exp().sum(-1), torch.ones(2, 10), atol=1e-5)
     nll, _ = m(x, None, y)
     assert torch.allclose(nll, -logp.gather(-1, y[..., None])[..., 0], atol=1e-5)
-    for arch in ('rmt', 'xl'):   # greedy tokens = the argmax of one forward pass over them all
+    for arch in ARCHS:   # greedy tokens = the argmax of one forward pass over them all
         m, prompt = tiny(arch, vocab_size=40).eval(), torch.tensor([[3, 4, 5, 9, 1, 2, 7]])
         for p in m.parameters():                 # large weights: the memory changes the argmax
             if p.dim() > 1:
                 p.data.normal_(0, 0.3)
-        gen = m.generate(prompt, 17)                                          # across segments
-        logp, _ = m(torch.cat([prompt, gen], 1))
-        assert gen.shape == (1, 17) and torch.equal(logp[0, 6:-1].argmax(-1), gen[0])
+        with torch.no_grad():                    # both start from the same carried memory
+            _, state = m(torch.tensor([[8, 6, 4, 2, 0, 1, 3]]))
+        gen = m.generate(prompt, 17, state)                                   # across segments
+        logp, _ = m(torch.cat([prompt, gen], 1), state)
+        assert gen.shape == (1, 17) and torch.equal(logp[0, 6:-1].argmax(-1), gen[0]), arch
+        # sampling: a seed gives the same tokens again, another seed others; top_k 1 = greedy
+        def draw(seed, **how):
+            return m.generate(prompt, 40, state, generator=torch.Generator().manual_seed(seed),
+                              **how)
+        assert torch.equal(draw(5, temperature=1.0), draw(5, temperature=1.0)), arch
+        assert not torch.equal(draw(5, temperature=1.0), draw(6, temperature=1.0)), arch
+        assert torch.equal(draw(5, temperature=1.0, top_k=1), m.generate(prompt, 40, state))
+
+
+def test_sample_mode_text_test_examples_and_bad_values():
+    """--mode sample: a text checkpoint continues the prompt (the same seed gives the same text,
+    another seed other text, temperature 0 is greedy and repeatable); an algorithmic one shows
+    three test examples; bad values end in one line, exit 2."""
+    small = ('--n_layer 1 --d_model 32 --d_head 16 --d_inner 64 --seg_len 16 --mem_len 16 '
+             '--n_mem_tokens 2 --batch_size 4 --max_iters 2 --log_interval 1').split()
+    with tempfile.TemporaryDirectory() as d:
+        _put(f'{d}/t.txt', open(os.path.join(HERE, 'README.md'), 'rb').read() * 2)
+        code, _, err = train_main('--task', 'text', '--data_path', f'{d}/t.txt', '--arch', 'rmt',
+                                  '--eval_tokens', '64', *small, '--out_dir', f'{d}/lm')
+        assert code == 0, err
+        sample = ('--mode', 'sample', '--init_from', f'{d}/lm/ckpt.pt', '--sample_len', '40',
+                  '--prompt', 'The memory')
+        runs = [train_main(*sample, *args) for args in (
+            (), (), ('--seed', '7'), ('--temperature', '0'), ('--temperature', '0', '--seed', '7'))]
+        texts = [out for _, out, _ in runs]
+        assert all(code == 0 for code, _, _ in runs) and texts[0].startswith('The memory'), runs
+        assert texts[0] == texts[1] != texts[2] and texts[3] == texts[4] != texts[0], texts
+        code, _, err = train_main('--eval_examples', '8', '--batch_size', '8', *small,
+                                  '--out_dir', f'{d}/copy')
+        assert code == 0, err
+        code, out, err = train_main('--mode', 'sample', '--init_from', f'{d}/copy/ckpt.pt')
+        assert code == 0 and out.count('input ') == out.count('truth ') == 3, (out, err)
+        assert out.count('of 48 right') == 3 and '|' in out, out     # copy: 2 x 24 symbols
+        for ckpt, args in (('lm', '--temperature -1'), ('lm', '--top_k -2'),
+                           ('lm', '--sample_len 0'), ('lm', '--prompt='), ('copy', '--prompt ab'),
+                           ('copy', '--sample_len 5'), ('lm', '--temperature nan')):
+            code, out, err = train_main('--mode', 'sample', '--init_from', f'{d}/{ckpt}/ckpt.pt',
+                                        *args.split())
+            assert code == 2 and len(err.strip().splitlines()) == 1, (args, err)
 
 
 def test_aux_memory_loss_predicts_its_own_target_real_vocab_normalised():
@@ -685,11 +728,13 @@ def test_trams_cheap_scores_explicit_and_oracle_keeps_most_attention_mass():
 
 def test_trams_positions_compressed_and_true_distances():
     B, H, S, P, n = 2, 3, 4, 10, 6                 # R = 2, K = 4; table entries = their distance
-    full, short = (torch.arange(r - S - 1, -S - 1, -1.).expand(B, H, S, r) for r in (18, 14))
-    idx, i = trams.select(torch.randn(B, H, P - 2), 4, P), torch.arange(S)[:, None]
-    true, comp = trams.positions(full, S, idx), trams.positions(short, S)  # (B, H, S, n+S)
+    i = torch.arange(S)[:, None]
+    xl = (P + i - torch.arange(P + S)).float()     # XL: d = P + i - j, (S, P+S)
+    full = xl.expand(B, H, S, -1)
+    idx = trams.select(torch.randn(B, H, P - 2), 4, P)                        # (B, H, n)
+    true, comp = (trams.narrow_positions(full, idx, t) for t in (True, False))  # (B, H, S, n+S)
     assert torch.equal(true[..., :n], (P + i - idx[:, :, None]).float())   # true distances
-    xl = (P + i - torch.arange(P + S)).float()                            # XL: d = P + i - j
+    assert torch.equal(true[..., n:], xl[:, P:].expand(B, H, S, -1))         # the segment
     assert torch.equal(comp[..., n - 2:], xl[:, P - 2:].expand(B, H, S, -1))  # recent, current
     assert torch.equal(comp[..., :n - 2], xl[:, P - n:P - 2].expand(B, H, S, -1))  # closer slots
 
@@ -763,6 +808,18 @@ def test_bad_input_exits_2_with_one_line():
         with _patch(train.dist, all_gather_object=lambda steps, s: steps.__setitem__(1, theirs)):
             code, _, err = train_main(main=lambda argv: train.agree_on_start(3, env))
         assert (code == 2 and 'same --out_dir' in err) == stop and err.count('\n') == stop, err
+
+
+def test_help_lists_every_flag_with_its_meaning_and_the_presets():
+    code, out, _ = train_main('--help')
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith('  --')}
+    names = [f.name for c in (ModelConfig, train.TrainConfig) for f in dataclasses.fields(c)]
+    assert code is None or code == 0
+    assert set(lines) == {f'--{n}' for n in names if n not in train.FROM_DATA}, lines.keys()
+    assert all(len(ln) > 40 for ln in lines.values()) and 'enwik8_cpu' in out   # meanings
+    code, out, _ = train_main('--help', main=trams.main)
+    assert {f'--{f.name}' for f in dataclasses.fields(trams.TramsConfig)} == {
+        ln.split()[0] for ln in out.splitlines() if ln.startswith('  --')}
 
 
 def test_preset_choice_quick_default_on_every_device():

@@ -1,14 +1,22 @@
-"""The one entry point: train or evaluate (--mode) every architecture on every task, on a CPU,
-one GPU or many GPUs; flags override the task's preset. No flags: RMT learns to copy.
+"""The one entry point: train, evaluate or sample from (--mode) every architecture on every task,
+on a CPU, one GPU or many GPUs; flags override the task's preset. No flags: RMT learns to copy.
+  python train.py                                        # the quick copy run, minutes on a CPU
+  python train.py --mode sample --init_from out/ckpt.pt  # what a trained model writes
   torchrun --standalone --nproc_per_node=8 train.py --task enwik8
-Speed: each log line gives ms/step, tokens/s and model FLOP/s (MFU on A100/H100/H200) over the
-steps since the last line; each validation line its wall time.
+
+Read from the top: the config and presets, a batch, the optimizer and schedule, one training
+step, evaluation, generation, then `main` with the training loop. Below the banner after `main`
+sits the machinery that a learner may skip: flags and validation, device and DDP set-up, data
+checks, checkpoints, resume, the out_dir lock, rank agreement, signals and exit.
 """
 import fcntl
+import inspect
 import math
 import os
+import re
 import signal
 import sys
+import textwrap
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -20,15 +28,15 @@ from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
 import data
 import memory
-from model import MemTransformer, ModelConfig
+from model import MemTransformer, ModelConfig, check_limits
 
 
-# ----------------------------------------------------------------------------- config
+# ----------------------------------------------------------------------------- config, presets
 @dataclass
 class TrainConfig:
     task: str = 'copy'         # copy | reverse | retrieval | sqeq | enwik8 | wt103 | text
     preset: str = ''           # a PRESETS key; '': copy_cpu, or with --task X: X on a GPU, X_cpu
-    mode: str = 'train'        # train | eval (a checkpoint on val and test)
+    mode: str = 'train'        # train | eval (a checkpoint on val and test) | sample (generate)
     seq_len: int = 24          # copy, reverse: source length S (paper: 24, 40, 120, 240, 360)
     data_dir: str = 'data'     # where enwik8 / wt103 / text splits are prepared
     data_path: str = ''        # text: any local file, read as bytes
@@ -43,17 +51,34 @@ class TrainConfig:
     eval_examples: int = 1000  # algorithmic tasks: examples per evaluation (0 = whole split)
     eval_tokens: int = 0       # LM tasks: tokens per rank per evaluation (0 = whole split)
     log_interval: int = 250    # steps between log lines
-    seed: int = 1337
+    seed: int = 1337           # data, initialisation, dropout and sampling (per rank: + rank)
     device: str = 'auto'       # auto | cpu | cuda | cuda:N
     dtype: str = 'auto'        # float32 | bfloat16 | float16 autocast; auto: bf16 where it is fast
     compile: bool = False      # torch.compile each segment (GPU; minutes to compile on a CPU)
     out_dir: str = 'out'       # checkpoints: ckpt.pt (latest), best.pt (best validation)
-    init_from: str = ''        # checkpoint to evaluate or fine-tune ('' = scratch)
+    init_from: str = ''        # checkpoint to evaluate, sample or fine-tune ('' = scratch)
     resume: str = 'auto'       # auto: continue out_dir's run of this configuration, if any |
     #                            true (a bare --resume): continue it, flags may change the loop's
     #                            knobs | false: start anew, replacing out_dir's run
     skip_nonfinite: int = 0    # steps with a non-finite gradient to skip before stopping
+    prompt: str = '\n'         # sample, LM tasks: the text to continue
+    sample_len: int = 500      # sample, LM tasks: tokens to generate
+    temperature: float = 0.9   # sample: divides the logits; 0 = greedy (always the argmax)
+    top_k: int = 40            # sample: draw among the k most likely tokens (0 = all)
 
+    def __post_init__(self):
+        check_limits(self, TRAIN_LIMITS)
+
+
+# the allowed values of each field (the device's depend on the machine: choose_device)
+TRAIN_LIMITS = dict(task=data.ALGO_TASKS + data.LM_TASKS, mode=('train', 'eval', 'sample'),
+                    schedule=('plateau', 'cosine'),
+                    dtype=('auto', 'float32', 'bfloat16', 'float16'), seq_len='>= 1',
+                    batch_size='>= 1', grad_accum='>= 1', lr='> 0', warmup_iters='>= 0',
+                    grad_clip='>= 0', max_iters='>= 1', eval_interval='>= 1',
+                    eval_examples='>= 0', eval_tokens='>= 0', log_interval='>= 1',
+                    seed=f'[0, {2 ** 63 - 64})',  # numpy and torch seeds are 63-bit (+ the rank)
+                    skip_nonfinite='>= 0', sample_len='>= 1', temperature='>= 0', top_k='>= 0')
 
 # the settings of the RMT and Transformer-XL papers (GPU-days), and small ones that learn on 2
 # CPU cores in minutes ('_cpu')
@@ -85,46 +110,300 @@ PRESETS = {                              # a preset's task is its name without '
 }
 
 
+# ----------------------------------------------------------------------------- a batch
+def get_batch(dataset, step, env):
+    """Step's rows x, y and answer weights w (LM: the streams' next window, w None) on the
+    device, and the trained tokens, counted on the CPU: no device sync. One step holds
+    batch_size * grad_accum examples (or LM streams) per rank; an LM window is bptt_depth + 1
+    segments of each stream, which continues where the last step's window ended."""
+    if dataset.spec is None:
+        x, y = dataset.loaders['train'].next()
+        return to_device(x, env), to_device(y, env), None, y.numel()
+    x, y, w = dataset.loaders['train'].batch(step)
+    return to_device(x, env), to_device(y, env), to_device(w, env), int(w.sum())
+
+
+# ----------------------------------------------------------------------------- optimizer
+def make_optimizer(model, train_cfg, env):
+    """Adam (the papers' optimizer) and the schedule of its learning rate."""
+    def cosine(step):  # lr factor: linear warm-up, then cosine to 0
+        if step < train_cfg.warmup_iters:
+            return (step + 1) / train_cfg.warmup_iters
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, step / train_cfg.max_iters)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, fused=env.cuda)
+    if train_cfg.schedule == 'plateau':          # halve the lr when val loss stalls
+        scheduler = ReduceLROnPlateau(optimizer, factor=0.5, patience=4)   # 4 evaluations
+    else:
+        scheduler = LambdaLR(optimizer, cosine)
+    return optimizer, scheduler
+
+
+# ----------------------------------------------------------------------------- one training step
+def train_step(ddp_model, optimizer, states, batch, train_cfg, env):
+    """One optimizer step: grad_accum micro-steps, clip, update unless the gradient is not finite.
+    Micro-step m trains rows m*B..(m+1)*B with the memory those rows left at the last step
+    (states[m]; Transformer-XL's batch_chunk). -> (mean loss, gradient norm, finite?)"""
+    x, y, w = batch
+    grad_accum, mean_loss = train_cfg.grad_accum, 0.0
+    weights = [None] * grad_accum
+    if w is not None:
+        weights = w.chunk(grad_accum)
+    for micro, (xm, ym, wm) in enumerate(zip(x.chunk(grad_accum), y.chunk(grad_accum), weights)):
+        # DDP: reduce the gradients once, after the last micro-step's backward
+        sync = nullcontext()
+        if env.ddp and micro < grad_accum - 1:
+            sync = ddp_model.no_sync()
+        with sync:
+            with env.autocast:
+                if w is None:                    # LM: the memory carried from the last step
+                    nll, states[micro] = ddp_model(xm, states[micro], ym)
+                    loss = nll.float().mean()
+                else:                            # algorithmic: each example from scratch
+                    nll, _ = ddp_model(xm, None, ym)
+                    loss = (nll.float() * wm).sum() / wm.sum()
+            # equal chunks: the mean of the chunks' means is the mean over the whole batch
+            env.scaler.scale(loss / grad_accum).backward()
+        mean_loss = mean_loss + loss.detach() / grad_accum
+    env.scaler.unscale_(optimizer)
+    gnorm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(),
+                                           train_cfg.grad_clip or math.inf)
+    finite = bool(torch.isfinite(gnorm))
+    if finite or env.scaler.is_enabled():        # fp16: the scaler skips the step itself and
+        env.scaler.step(optimizer)               # halves its scale
+        env.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return mean_loss, gnorm, finite
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate(model, split, dataset, train_cfg, env):
+    """-> (loss, a line of metrics): algorithmic tasks teacher-forced and free-running accuracy,
+    exact match; LM bpc (or perplexity for wt103), every scored token summed over the ranks."""
+    model.eval()
+    with torch.no_grad(), env.autocast:          # one autocast region: weights cast once
+        if dataset.spec is not None:
+            spec, sums, size = dataset.spec, [0.0] * 8, 4 * train_cfg.batch_size
+            for x, y, w in dataset.loaders[split].eval_batches(size,
+                                                               train_cfg.eval_examples or None):
+                batch = data.answer_metrics(model, x.to(env.device), y.to(env.device),
+                                            w.to(env.device), spec['ans_len'], spec['score_len'])
+                sums = [a + b for a, b in zip(sums, batch)]
+            nll, n, n_ans, tf, fr, em, n_none, em_none = reduce(sums, env)
+            n_ex = n_ans / spec['score_len']
+            res = dict(loss=nll / n, acc_tf=tf / n_ans, acc_free=fr / n_ans, exact=em / n_ex,
+                       n=int(n_ex))
+            if train_cfg.task == 'sqeq':         # with real roots, and without (empty answer)
+                res['exact_roots'] = (em - em_none) / max(n_ex - n_none, 1)
+                res['exact_none'] = em_none / max(n_none, 1)
+                res['n_none'] = int(n_none)
+        else:                                    # memory carried through each rank's streams
+            blocks = stream_nll(model, dataset.loaders[split], model.cfg.seg_len,
+                                train_cfg.eval_tokens or None, env.device)
+            nll, n = reduce(blocks.sum(0).tolist(), env)
+            res = dict(loss=nll / n, n=int(n))
+            if train_cfg.task == 'wt103':
+                res['ppl'] = math.exp(nll / n)
+            else:
+                res['bpc'] = nll / n / math.log(2)
+    model.train()
+    line = ' | '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
+                      for k, v in res.items())
+    return res['loss'], line
+
+
+def stream_nll(model, stream, seg_len, max_tokens, device):
+    """Language-model evaluation as in Transformer-XL: a data.Stream's rows read window after
+    window of seg_len tokens from the start, the memory carried across windows, every target
+    scored once (up to max_tokens per rank). The caller sets the precision (autocast or not).
+    -> (N, 2) float64 on the CPU, one row per (stream, window): NLL sum, tokens."""
+    state, blocks = None, []
+    for x, y in stream.eval_windows(seg_len, max_tokens):
+        nll, state = model(x.to(device), state, y.to(device))                     # (B, w)
+        sums = nll.double().sum(1)                                                # (B,)
+        blocks.append(torch.stack([sums, torch.full_like(sums, nll.size(1))], 1))  # (B, 2)
+    return torch.cat(blocks).cpu()               # .cpu() waits for a GPU: callers may time it
+
+
+# ----------------------------------------------------------------------------- generation
+def sample(model, dataset, train_cfg, env):
+    """--mode sample: what a trained model writes, generated segment by segment with the memory
+    carried exactly as in training (MemTransformer.generate). LM tasks continue --prompt by
+    --sample_len tokens; algorithmic tasks show three test examples: input, truth and the
+    model's answer. --temperature 0 is greedy; the draws follow --seed. Rank 0 only."""
+    if not env.master:
+        return
+    model.eval()
+    gen = torch.Generator(env.device).manual_seed(train_cfg.seed)
+    how = dict(temperature=train_cfg.temperature, top_k=train_cfg.top_k, generator=gen)
+    with env.autocast:
+        if dataset.spec is None:
+            prompt = torch.as_tensor(dataset.corpus.encode(train_cfg.prompt), device=env.device)
+            out = model.generate(prompt[None], train_cfg.sample_len, **how)        # (1, n)
+            print(dataset.corpus.decode(torch.cat([prompt[None], out], 1)), flush=True)
+            return
+        ans_len = dataset.spec['ans_len']
+        x, y, _ = next(dataset.loaders['test'].eval_batches(3, 3))
+        question = x[:, :x.size(1) - ans_len + 1].to(env.device)
+        answer = model.generate(question, ans_len, **how).cpu()                   # (3, ans_len)
+    for i in range(len(x)):
+        right = int((answer[i] == y[i, -ans_len:]).sum())
+        print(f'input   {data.show_example(train_cfg.task, question[i])}\n'
+              f'truth   {data.show_example(train_cfg.task, y[i, -ans_len:])}\n'
+              f'model   {data.show_example(train_cfg.task, answer[i])}  '
+              f'({right} of {ans_len} right)\n', flush=True)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv):
+    if '--help' in argv or '-h' in argv:
+        return print_help()
+    # config: defaults <- preset <- flags, or a checkpoint's configs <- flags
+    given = parse_flags(argv, (ModelConfig, TrainConfig), refused=FROM_DATA)
+    ckpt, path, resuming = choose_start(given, given.get('out_dir', TrainConfig.out_dir))
+    model_cfg, train_cfg, why = make_configs(given, ckpt, path, resuming)
+    env = setup(train_cfg)
+    agree_on_start(ckpt['step'] if resuming else 0, env)
+    if train_cfg.mode == 'train':
+        env.print(f'preset {train_cfg.preset} ({why})')
+        lock = claim_out_dir(train_cfg.out_dir, env)  # held until this process ends
+    dataset = load_data(train_cfg, model_cfg, env)
+    check_fits(model_cfg, train_cfg, dataset, env)
+    model = MemTransformer(model_cfg).to(env.device)
+    optimizer, scheduler = make_optimizer(model, train_cfg, env)
+    if ckpt is not None:
+        load_weights(model, ckpt, path)
+    # LM: each micro-step's streams carry their memory from step to step
+    start, best_val, states = 0, float('inf'), [None] * train_cfg.grad_accum
+    if resuming:
+        start, best_val, states = restore(ckpt, path, given, optimizer, scheduler, dataset,
+                                          train_cfg, env)
+    ddp_model = wrap(model, model_cfg, train_cfg, dataset, env)   # --compile, DDP
+    if train_cfg.mode == 'eval':
+        return evaluate_checkpoint(model, dataset, train_cfg, env)
+    if train_cfg.mode == 'sample':
+        return sample(model, dataset, train_cfg, env)
+    # ------------------------------------------------------------------------- training loop
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    env.print(f'task {train_cfg.task} | arch {model_cfg.arch} | {n_params:.2f}M params | '
+              f'world {env.world} | device {env.device}')
+    to_save = (run_flags(given, ckpt, resuming), model, optimizer, scheduler, model_cfg,
+               train_cfg, dataset, env)          # what a checkpoint holds besides the loop's state
+    signals, skipped, meter = catch_signals(), 0, Meter(model, env)
+    for step in range(start + 1, train_cfg.max_iters + 1):
+        x, y, w, n_tokens = get_batch(dataset, step - 1, env)
+        loss, gnorm, finite = train_step(ddp_model, optimizer, states, (x, y, w), train_cfg, env)
+        meter.count(n_tokens, x.numel())
+        if not finite:       # no update was made: skip the step, or stop with one line
+            skipped = count_nonfinite(step, skipped, train_cfg, env)
+            states = [None] * train_cfg.grad_accum       # that step's memory is not finite
+            continue
+        if train_cfg.schedule == 'cosine':
+            scheduler.step()
+        if step % train_cfg.log_interval == 0 and env.master:
+            print(f'step {step} | loss {loss.item():.4f} | lr {optimizer.param_groups[0]["lr"]:.2e}'
+                  f' | gnorm {gnorm.item():.2f} | {meter.line()}', flush=True)
+        if step % train_cfg.eval_interval == 0 or step == train_cfg.max_iters:
+            t_val = time.time()
+            val_loss, metrics = evaluate(model, 'val', dataset, train_cfg, env)
+            if train_cfg.schedule == 'plateau':
+                scheduler.step(val_loss)
+            env.print(f'val step {step}: {metrics} | {time.time() - t_val:.1f} s', flush=True)
+            if val_loss < best_val:
+                best_val = val_loss
+                save_checkpoint('best.pt', step, best_val, states, *to_save)
+            save_checkpoint('ckpt.pt', step, best_val, states, *to_save)
+            meter.exclude(time.time() - t_val)   # the speed is the training steps' alone
+        stop_on_signal(signals, step, best_val, states, to_save)
+    catch_signals(stop_final_test)               # a signal now ends the run: all is saved
+    env.print(f"test: {evaluate(model, 'test', dataset, train_cfg, env)[1]}")
+
+
+# =============================================================================================
+# The machinery: everything below keeps runs safe and convenient (flags, validation, devices,
+# DDP, data checks, checkpoints, resume, locks, signals). A learner may stop reading here.
+# =============================================================================================
+
+# ----------------------------------------------------------------------------- flags, validation
+# what the data decide, never a flag: the vocabulary and its adaptive-softmax clusters
+FROM_DATA = ('vocab_size', 'cutoffs')
+BOOLEANS = {'true': True, '1': True, 'false': False, '0': False}
+
+
 def die(msg, code=2):  # bad input ends in one line that names the fix, exit 2, no traceback
     print(f'error: {msg}', file=sys.stderr)
     leave(code)
 
 
-def leave(code):
-    """End the process with `code`. Under torchrun, skip the interpreter's shutdown: gloo's worker
-    threads may still be freeing finished collectives, and freeing one that holds a Python object
-    takes the GIL, which aborts the process once shutdown has begun (SIGABRT, in a few percent of
-    two-node runs here; pytorch/pytorch#179291). Nor is the process group destroyed: the exit frees
-    it. Checkpoints are synced to disk as they are written: skipping the shutdown loses nothing."""
-    if dist.is_initialized():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
-
-
-def parse_flags(argv):  # every dataclass field is a flag: --name value or --name=value
-    types = {f.name: f.type for c in (ModelConfig, TrainConfig) for f in fields(c)}
+def parse_flags(argv, configs, positional=None, refused=()):
+    """Every field of the dataclasses `configs` is a flag: --name value or --name=value; a bare
+    boolean (or --resume) means true. -> {name: value} of the flags given. `positional`: a field
+    that may also be given as a plain argument (trams.py's checkpoint); `refused`: fields that
+    are no flags (the data set them)."""
+    types = {f.name: f.type for c in configs for f in fields(c)}
     args, given = list(argv), {}
     while args:
         arg = args.pop(0)
+        if positional and not arg.startswith('--') and positional not in given:
+            given[positional] = arg
+            continue
         name, eq, val = arg.removeprefix('--').partition('=')
         typ = types.get(name) if arg.startswith('--') else None
         if typ is None:
             die(f"unknown flag '{arg}': flags are --name value with a name from "
-                "ModelConfig or TrainConfig (python train.py --help lists them)")
-        bare = not eq and (not args or args[0][:2] == '--')
-        if bare and (typ is bool or name == 'resume'):
+                f"{' or '.join(c.__name__ for c in configs)} (--help lists them)")
+        if name in refused:
+            die(f"--{name} is set by the task's data: drop the flag")
+        next_is_value = args and not args[0].startswith('--')
+        if typ is bool and next_is_value:
+            next_is_value = args[0].lower() in BOOLEANS   # else the bare flag, then an argument
+        if not eq and not next_is_value and (typ is bool or name == 'resume'):
             val = 'true'                         # a bare boolean (or --resume) means true
         elif not eq:
             val = args.pop(0) if args else die(f'flag --{name} needs a value')
         try:
             if typ is bool:
-                val = {'true': True, '1': True, 'false': False, '0': False}[val.lower()]
-            given[name] = tuple(int(v) for v in val.split(',') if v) if typ is tuple else typ(val)
+                given[name] = BOOLEANS[val.lower()]
+            elif typ is tuple:
+                given[name] = tuple(int(v) for v in val.split(',') if v)
+            else:
+                given[name] = typ(val)
         except (KeyError, ValueError):
-            die(f"--{name} expects a {typ.__name__}, got '{val}'")
+            kind = {tuple: 'comma-separated integers', bool: 'true or false'}.get(typ,
+                                                                             f'a {typ.__name__}')
+            die(f"--{name} expects {kind}, got '{val}'")
     return given
+
+
+def print_help(configs=(ModelConfig, TrainConfig), usage=__doc__, presets=True):
+    """--help: the usage, one line per flag with its default and meaning (the field's comment),
+    grouped by dataclass, and the presets."""
+    print(usage.strip().split('\n\n')[0])              # the docstring's first paragraph
+    for config in configs:
+        print(f'\n{config.__name__} flags (--name value):')
+        comments = field_comments(config)
+        for f in fields(config):
+            if f.name not in FROM_DATA:
+                flag = f'  --{f.name} {f.default!r}'.ljust(30)
+                print(textwrap.fill(f'{flag} {comments.get(f.name, "")}', 100,
+                                    subsequent_indent=' ' * 31))
+    if presets:
+        print(textwrap.fill(f"\n--preset: {', '.join(PRESETS)} (flags override the preset's "
+                            'values)', 100, subsequent_indent=' ' * 10, replace_whitespace=False))
+
+
+def field_comments(config):  # field name -> its trailing comment and the comment lines after it
+    comments, name = {}, None
+    for line in inspect.getsource(config).splitlines():
+        field_line = re.match(r'\s+(\w+): [^#]*#\s?(.*)', line)
+        more = re.match(r'\s+#\s*(.*)', line)
+        if field_line:
+            name = field_line.group(1)
+            comments[name] = field_line.group(2).strip()
+        elif more and name:
+            comments[name] += ' ' + more.group(1).strip()
+        else:
+            name = None
+    return comments
 
 
 def choose_preset(given):  # -> (preset name, why it was chosen: the log's first line says)
@@ -133,75 +412,58 @@ def choose_preset(given):  # -> (preset name, why it was chosen: the log's first
     if 'task' not in given:      # the quickstart: quick on every device, a GPU included
         return 'copy_cpu', 'no --task or --preset: the quick copy run'
     task = given['task']
+    if task not in TRAIN_LIMITS['task']:
+        die(f"unknown task '{task}': use one of {', '.join(TRAIN_LIMITS['task'])}")
     cuda = torch.cuda.is_available() and given.get('device', 'auto') != 'cpu'
     if cuda and task in PRESETS:
         return task, f'--task {task} on a GPU: the paper setting; --preset {task}_cpu is small'
     return f'{task}_cpu', f'--task {task} on a CPU: the small setting; --preset {task} is the paper'
 
 
-# the lowest allowed value of a number (nan fails the comparison, so it is refused too)
-AT_LEAST = dict(seq_len=1, batch_size=1, grad_accum=1, max_iters=1, eval_interval=1,
-                log_interval=1, eval_examples=0, eval_tokens=0, warmup_iters=0, skip_nonfinite=0,
-                grad_clip=0, seed=0)
-# what the data decide, never a flag: the vocabulary and its adaptive-softmax clusters
-FROM_DATA = ('vocab_size', 'cutoffs')
-
-
-def devices():  # the --device values this machine has
-    n_gpu = torch.cuda.device_count()
-    return ['auto', 'cpu'] + ['cuda'] * (n_gpu > 0) + [f'cuda:{i}' for i in range(n_gpu)]
-
-
 def make_configs(given, ckpt=None, path='', resuming=False):
     """-> (ModelConfig, TrainConfig, why): defaults <- preset <- flags, or a checkpoint's <- flags
-    (choose_start has checked what a resumed run may change). A run that starts from
-    --init_from weights writes to its own --out_dir, never into the checkpoint's."""
-    tasks = data.ALGO_TASKS + data.LM_TASKS
-    if given.get('task', 'copy') not in tasks:
-        die(f"unknown task '{given['task']}': use one of {', '.join(tasks)}")
-    for k in FROM_DATA:
-        if k in given:
-            die(f'--{k} is set by the task\'s data: drop the flag')
+    (choose_start has checked what a resumed run may change). Each config checks its own fields;
+    check_together the rules between them. A run that starts from --init_from weights writes to
+    its own --out_dir, never into the checkpoint's."""
     if ckpt is not None:
-        mc, tc, preset = dict(ckpt['model_cfg']), dict(ckpt['train_cfg']), {}
-        tc.pop('resume', None)
+        model_fields, train_fields, preset = dict(ckpt['model_cfg']), dict(ckpt['train_cfg']), {}
+        train_fields.pop('resume', None)
         if not resuming:
-            tc['out_dir'] = TrainConfig.out_dir
-        if given.get('arch', mc['arch']) != mc['arch']:
-            die(f"the checkpoint holds an '{mc['arch']}' model, not '{given['arch']}': "
+            train_fields['out_dir'] = TrainConfig.out_dir
+        if given.get('arch', model_fields['arch']) != model_fields['arch']:
+            die(f"the checkpoint holds an '{model_fields['arch']}' model, not '{given['arch']}': "
                 'drop --arch or use another checkpoint')
         why = f'from {path}'
     else:
         name, why = choose_preset(given)
         if name not in PRESETS:
             die(f"unknown preset '{name}': use one of {', '.join(PRESETS)}")
-        mc, tc, preset = {}, dict(preset=name, task=name.removesuffix('_cpu')), PRESETS[name]
+        model_fields, preset = {}, PRESETS[name]
+        train_fields = dict(preset=name, task=name.removesuffix('_cpu'))
     for k, v in {**preset, **given}.items():
-        (tc if k in TrainConfig.__dataclass_fields__ else mc)[k] = v
+        if k in TrainConfig.__dataclass_fields__:
+            train_fields[k] = v
+        else:
+            model_fields[k] = v
     try:
-        tcfg = TrainConfig(**tc)
-        for k, ok in (('mode', ('train', 'eval')),
-                      ('schedule', ('plateau', 'cosine')),
-                      ('dtype', ('auto', 'float32', 'bfloat16', 'float16')),
-                      ('device', devices())):
-            if getattr(tcfg, k) not in ok:
-                raise ValueError(f"unknown {k} '{getattr(tcfg, k)}': use one of {', '.join(ok)}")
-        for k, low in AT_LEAST.items():
-            if not getattr(tcfg, k) >= low:
-                raise ValueError(f'--{k} must be >= {low}, got {getattr(tcfg, k)}')
-        if not 0 < tcfg.lr < math.inf:
-            raise ValueError(f'--lr must be > 0 and finite, got {tcfg.lr}')
-        if tcfg.seed + 64 >= 2 ** 63:            # numpy and torch seeds are 63-bit (+ the rank)
-            raise ValueError(f'--seed must be below 2**63 - 64, got {tcfg.seed}')
-        mcfg = ModelConfig(**mc)
-        if tcfg.task in data.LM_TASKS and mcfg.bptt_depth < 0:
-            raise ValueError('LM streams need --bptt_depth >= 0 (segments per step - 1)')
+        train_cfg = TrainConfig(**train_fields)
+        model_cfg = ModelConfig(**model_fields)
+        check_together(model_cfg, train_cfg, given)
     except (TypeError, ValueError) as e:
         die(str(e))
-    return mcfg, tcfg, why
+    return model_cfg, train_cfg, why
 
 
-# ----------------------------------------------------------------------------- DDP / device
+def check_together(model_cfg, train_cfg, given):
+    """The rules that tie fields of both configs (or the flags given) together."""
+    if train_cfg.task in data.LM_TASKS and model_cfg.bptt_depth < 0:
+        raise ValueError('LM streams need --bptt_depth >= 0 (segments per step - 1)')
+    if train_cfg.task in data.ALGO_TASKS and {'prompt', 'sample_len'} & given.keys():
+        raise ValueError('--prompt and --sample_len are for language-modelling tasks; --mode '
+                         'sample on an algorithmic task shows test examples: drop them')
+
+
+# ----------------------------------------------------------------------------- device, DDP
 @dataclass
 class Env:
     """Where and how this process runs."""
@@ -220,35 +482,62 @@ class Env:
             print(*args, **kwargs)
 
 
-def setup(tcfg):
+def devices():  # the --device values this machine has
+    n_gpu = torch.cuda.device_count()
+    return ['auto', 'cpu'] + ['cuda'] * (n_gpu > 0) + [f'cuda:{i}' for i in range(n_gpu)]
+
+
+def choose_device(name):
+    """--device -> the device to run on ('auto': the GPU if there is one, else the CPU); a name
+    this machine lacks ends in one line. train.py and trams.py choose here."""
+    if name not in devices():
+        die(f"unknown device '{name}': use one of {', '.join(devices())}")
+    if name == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    return name
+
+
+def setup(train_cfg):
+    """-> Env: the device and, under torchrun (the RANK variable), the process group; the autocast
+    dtype; the seed of this rank."""
     ddp = 'RANK' in os.environ
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-    gpu = torch.cuda.is_available() and tcfg.device != 'cpu'
-    device = tcfg.device
-    if device == 'auto':
-        device = 'cuda' if gpu else 'cpu'
+    device = choose_device(train_cfg.device)
+    gpu = device.startswith('cuda')
     if ddp and gpu:                              # torchrun: one process per GPU ...
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
         dist.init_process_group('nccl')
     elif ddp:                                    # ... or per share of the CPU
-        device = 'cpu'
         dist.init_process_group('gloo')
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # fp32 on GPU
     # --dtype auto: bf16 on CUDA with bf16, or on a CPU with AMX or AVX512-BF16, else float32
-    name, fast = tcfg.dtype, False
-    if name == 'auto' and device.startswith('cuda'):
+    name, fast = train_cfg.dtype, False
+    if name == 'auto' and gpu:
         fast = torch.cuda.is_bf16_supported()
     elif name == 'auto' and os.path.exists('/proc/cpuinfo'):
         fast = any(f in open('/proc/cpuinfo').read() for f in ('amx_bf16', 'avx512_bf16'))
     if name == 'auto':
         name = 'bfloat16' if fast else 'float32'
     dtype, kind = getattr(torch, name), device.split(':')[0]
-    torch.manual_seed(tcfg.seed + rank)          # dropout differs per rank; init is broadcast
+    torch.manual_seed(train_cfg.seed + rank)     # dropout differs per rank; init is broadcast
     return Env(device, rank, world, ddp, dtype,
                autocast=torch.autocast(kind, dtype, enabled=dtype != torch.float32),
                scaler=torch.amp.GradScaler(kind, enabled=dtype == torch.float16),
-               master=rank == 0, cuda=device.startswith('cuda'))
+               master=rank == 0, cuda=gpu)
+
+
+def wrap(model, model_cfg, train_cfg, dataset, env):
+    """The model as the training step calls it: compiled per segment (--compile), and under
+    torchrun in DDP, whose gradient all-reduce overlaps the backward pass."""
+    if train_cfg.compile:  # each segment is one graph; shapes settle after the first segments
+        model.segment = torch.compile(model.segment)
+    if not env.ddp:
+        return model
+    # no buffers to broadcast: memory is passed in and out of forward; on LM streams the initial
+    # RMT memory is unused after the first step (the carried memory replaces it)
+    return DDP(model, device_ids=[env.device] if env.cuda else None,
+               find_unused_parameters=model_cfg.n_mem_tokens > 0 and dataset.spec is None)
 
 
 def reduce(vals, env):  # sum over ranks: sums, never means of means
@@ -258,8 +547,40 @@ def reduce(vals, env):  # sum over ranks: sums, never means of means
     return t.tolist()
 
 
-# ----------------------------------------------------------------------------- data
-def load_data(tcfg, mcfg, env):
+def to_device(t, env):  # pinned on CUDA: the copy overlaps compute
+    if env.cuda:
+        t = t.pin_memory()
+    return t.to(env.device, non_blocking=True)
+
+
+class Meter:
+    """The speed in a log line: trained tokens, model FLOPs and wall time of exactly the steps
+    since the previous line; time spent validating and writing checkpoints is left out."""
+
+    def __init__(self, model, env):
+        self.model, self.env = model, env
+        self.restart()
+
+    def restart(self):
+        self.t0, self.steps, self.tokens, self.seen = time.time(), 0, 0, 0
+
+    def count(self, tokens, seen):  # one step: tokens trained (scored), tokens seen (MFU)
+        self.steps, self.tokens, self.seen = self.steps + 1, self.tokens + tokens, self.seen + seen
+
+    def exclude(self, seconds):
+        self.t0 += seconds
+
+    def line(self):  # -> 'ms/step | tok/s over all ranks | model FLOP/s (MFU)'; starts anew
+        dt = max(time.time() - self.t0, 1e-9)
+        text = (f'{1000 * dt / max(self.steps, 1):.0f} ms/step | '
+                f'{self.tokens * self.env.world / dt:.0f} tok/s | '
+                f'{self.model.mfu(self.seen / dt, True, self.env.dtype)}')
+        self.restart()
+        return text
+
+
+# ----------------------------------------------------------------------------- data checks
+def load_data(train_cfg, model_cfg, env):
     """The task's splits for this rank (data.load); sets the model's vocabulary from them. One
     step holds batch_size * grad_accum examples (or LM streams) per rank, split into grad_accum
     chunks in train_step (Transformer-XL's batch_chunk); an LM step trains on bptt_depth + 1
@@ -267,72 +588,49 @@ def load_data(tcfg, mcfg, env):
     if env.ddp and not env.master:
         dist.barrier()                           # rank 0 prepares the LM files, the others wait
     try:
-        dat = data.load(tcfg.task, tcfg.seq_len, tcfg.seed, tcfg.data_dir, tcfg.data_path or None,
-                        rows=tcfg.batch_size * tcfg.grad_accum,
-                        window=mcfg.seg_len * (mcfg.bptt_depth + 1), rank=env.rank,
-                        world=env.world)
+        dataset = data.load(train_cfg.task, train_cfg.seq_len, train_cfg.seed, train_cfg.data_dir,
+                            train_cfg.data_path or None,
+                            rows=train_cfg.batch_size * train_cfg.grad_accum,
+                            window=model_cfg.seg_len * (model_cfg.bptt_depth + 1), rank=env.rank,
+                            world=env.world)
     except data.DataError as e:
         die(str(e))
     if env.ddp and env.master:
         dist.barrier()
-    mcfg.vocab_size, mcfg.cutoffs = dat.vocab_size, dat.cutoffs
-    if dat.spec is not None:
-        env.print('data:', ', '.join(f'{s} {len(dat.loaders[s].seqs)} ({c})'
-                                     for s, c in dat.checksums.items()))
-    return dat
+    model_cfg.vocab_size, model_cfg.cutoffs = dataset.vocab_size, dataset.cutoffs
+    if dataset.spec is not None:
+        env.print('data:', ', '.join(f'{s} {len(dataset.loaders[s].seqs)} ({c})'
+                                     for s, c in dataset.checksums.items()))
+    if train_cfg.mode == 'sample' and dataset.corpus is not None:
+        try:
+            dataset.corpus.encode(train_cfg.prompt)
+        except data.DataError as e:
+            die(f'--prompt: {e}')
+    return dataset
 
 
-def check_fits(mcfg, tcfg, dat, env):
+def check_fits(model_cfg, train_cfg, dataset, env):
     """Refuse a step that plainly cannot fit, before anything is allocated. A lower bound: per
     layer and segment, the attention probabilities (B, H, S, K) and the FFN's hidden layer
     (B, S, d_inner) at 4 bytes each (autograd keeps about 9 bytes per probability in bf16, 18
     in fp32); training keeps them for every segment of a step (an LM window, or a whole example),
     evaluation for one layer of one segment at a time."""
-    S = mcfg.seg_len + 2 * mcfg.n_mem_tokens         # RMT: read and write slots
-    held = mcfg.n_layer * (mcfg.bptt_depth + 1)      # an LM step: k+1 segments
-    if dat.spec is not None:
-        held = mcfg.n_layer * dat.loaders['train'].seqs.shape[1] / mcfg.seg_len
-    if mcfg.grad_checkpoint:                         # one segment at a time
-        held = mcfg.n_layer
-    if tcfg.mode == 'eval':
+    S = model_cfg.seg_len + 2 * model_cfg.n_mem_tokens        # RMT: read and write slots
+    held = model_cfg.n_layer * (model_cfg.bptt_depth + 1)     # an LM step: k+1 segments
+    if dataset.spec is not None:
+        held = model_cfg.n_layer * dataset.loaders['train'].seqs.shape[1] / model_cfg.seg_len
+    if model_cfg.grad_checkpoint:                             # one segment at a time
+        held = model_cfg.n_layer
+    if train_cfg.mode != 'train':
         held = 1
-    need = 4 * held * tcfg.batch_size * S * (mcfg.n_head * (mcfg.mem_len + S) + mcfg.d_inner)
+    need = 4 * held * train_cfg.batch_size * S * (model_cfg.n_head * (model_cfg.mem_len + S)
+                                                  + model_cfg.d_inner)
     have = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
     if env.cuda:
         have = torch.cuda.get_device_properties(env.device).total_memory
     if need > have:
         die(f'one step would need over {need / 2**30:.0f} GiB of activations, and this '
             f'{env.device} has {have / 2**30:.0f} GiB: lower --batch_size, --seg_len or --mem_len')
-
-
-def get_batch(dat, step, env):
-    """Step's rows x, y and answer weights w (LM: the streams' next window, w None) on the
-    device, and the trained tokens, counted on the CPU: no device sync."""
-    if dat.spec is None:
-        x, y = dat.loaders['train'].next()
-        return to_device(x, env), to_device(y, env), None, y.numel()
-    x, y, w = dat.loaders['train'].batch(step)
-    return to_device(x, env), to_device(y, env), to_device(w, env), int(w.sum())
-
-
-def to_device(t, env):  # pinned on CUDA: the copy overlaps compute
-    if env.cuda:
-        t = t.pin_memory()
-    return t.to(env.device, non_blocking=True)
-
-
-# ----------------------------------------------------------------------------- model, optimizer
-def make_optimizer(model, tcfg, env):
-    def cosine(step):  # lr factor: linear warm-up, then cosine to 0
-        if step < tcfg.warmup_iters:
-            return (step + 1) / tcfg.warmup_iters
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, step / tcfg.max_iters)))
-    optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr, fused=env.cuda)
-    if tcfg.schedule == 'plateau':               # halve the lr when val loss stalls
-        scheduler = ReduceLROnPlateau(optimizer, factor=0.5, patience=4)   # 4 evaluations
-    else:
-        scheduler = LambdaLR(optimizer, cosine)
-    return optimizer, scheduler
 
 
 # ---------------------------------------------------------------------------- checkpoints, restarts
@@ -350,7 +648,8 @@ def make_optimizer(model, tcfg, env):
 # what a resumed run may change: the loop's knobs, never the model, the data or the streams
 RESUMABLE = ('mode', 'lr', 'warmup_iters', 'grad_clip', 'max_iters', 'eval_interval',
              'eval_examples', 'eval_tokens', 'log_interval', 'device', 'dtype', 'compile',
-             'out_dir', 'resume', 'skip_nonfinite', 'dropout', 'dropatt')
+             'out_dir', 'resume', 'skip_nonfinite', 'dropout', 'dropatt', 'prompt', 'sample_len',
+             'temperature', 'top_k')
 
 
 def load_checkpoint(path, resume=False):
@@ -373,23 +672,37 @@ def load_checkpoint(path, resume=False):
     return ckpt
 
 
-def run_flags(given):  # the flags that make a run what it is: not where it lives, nor how it starts
-    return {k: v for k, v in given.items() if k not in ('resume', 'out_dir')}
+def load_weights(model, ckpt, path):
+    try:
+        model.load_state_dict(ckpt['model'])
+    except RuntimeError:
+        die(f'{path} does not fit this model (other size or vocabulary): '
+            'give the matching flags or another checkpoint')
+
+
+def run_flags(given, ckpt=None, resuming=False):
+    """The flags that make a run what it is (stored with it, for --resume auto): not where it
+    lives, nor how it starts; a resumed run adds its own to those that made it."""
+    flags = {k: v for k, v in given.items() if k not in ('resume', 'out_dir')}
+    if resuming:
+        flags = {**ckpt.get('flags', {}), **flags}
+    return flags
 
 
 def choose_start(given, out_dir):
     """-> (checkpoint or None, its path, resuming?). Training continues out_dir's ckpt.pt with
     --resume true, and with auto when the same flags made that run; auto starts anew when out_dir
     holds no run and refuses when it holds another, so nothing is replaced without --resume false.
-    A new run or --mode eval starts from the weights of --init_from, if given."""
+    A new run, --mode eval or --mode sample starts from the weights of --init_from, if given."""
     how, init = given.get('resume', 'auto'), given.get('init_from', '')
+    mode = given.get('mode', 'train')
     if how not in ('auto', 'true', 'false'):
         die(f"--resume takes auto, true or false, not '{how}'")
     last = os.path.join(out_dir, 'ckpt.pt')
     if how == 'true' and init:
         die('--resume continues the run in --out_dir, --init_from starts a new one: give one')
-    if given.get('mode') == 'eval' and not init and how != 'true':
-        die(f'--mode eval evaluates a checkpoint: give --init_from PATH (for example {last})')
+    if mode in ('eval', 'sample') and not init and how != 'true':
+        die(f'--mode {mode} reads a checkpoint: give --init_from PATH (for example {last})')
     if how == 'true':
         run = load_checkpoint(last, resume=True)
         settings = {**run['train_cfg'], **run['model_cfg']}
@@ -399,7 +712,7 @@ def choose_start(given, out_dir):
                     f'{settings[k]!r}): drop the flag, or start a new run with '
                     '--resume false or another --out_dir')
         return run, last, True
-    if given.get('mode', 'train') == 'train' and how == 'auto' and os.path.exists(last):
+    if mode == 'train' and how == 'auto' and os.path.exists(last):
         run = load_checkpoint(last, resume=True)
         flags, theirs = run_flags(given), run.get('flags', {})
         diff = sorted(k for k in flags.keys() | theirs.keys() if flags.get(k) != theirs.get(k))
@@ -413,6 +726,77 @@ def choose_start(given, out_dir):
     return None, '', False
 
 
+def restore(ckpt, path, given, optimizer, scheduler, dataset, train_cfg, env):
+    """Training state of a checkpoint, for this rank -> (step, best val loss, LM memory). The
+    weights are loaded by the caller, as for --init_from."""
+    if len(ckpt['ranks']) != env.world:
+        die(f"{path} was written by {len(ckpt['ranks'])} processes: resume with as many")
+    if ckpt['data'] != dataset.checksums:        # older versions stored only LM split lengths
+        die(f'the data differ from those {path} was trained on (another file '
+            'or other contents): restore them, or start a new run with '
+            '--resume false or another --out_dir')
+    mine = ckpt['ranks'][env.rank]
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scheduler.load_state_dict(ckpt['scheduler'])
+    if 'lr' in given:                            # a new --lr wins over the checkpoint's
+        optimizer.param_groups[0]['lr'], scheduler.base_lrs = train_cfg.lr, [train_cfg.lr]
+    torch.set_rng_state(mine['rng'])
+    if env.cuda and mine['cuda_rng'] is not None:
+        torch.cuda.set_rng_state(mine['cuda_rng'])
+    dataset.loaders['train'].load_state_dict(ckpt['loader'])
+    env.print(f"resuming {path} at step {ckpt['step']} of {train_cfg.max_iters}")
+    states = [memory.move_state(s, env.device) for s in mine['memory']]
+    return ckpt['step'], ckpt['best_val'], states
+
+
+def save_checkpoint(name, step, best_val, states, flags, model, optimizer, scheduler, model_cfg,
+                    train_cfg, dataset, env):
+    """All it takes to continue exactly. Every rank sends its RNG and memory, rank 0 writes:
+    temp file, fsync, rename, so that a crash never leaves a torn checkpoint."""
+    mine = dict(rng=torch.get_rng_state(), memory=[], cuda_rng=None)
+    if env.cuda:
+        mine['cuda_rng'] = torch.cuda.get_rng_state()
+    for s in states:                             # plain tuples: weights_only reads no namedtuple
+        mine['memory'].append(None if s is None else tuple(memory.move_state(s, 'cpu')))
+    ranks = [mine] * env.world
+    if env.ddp:
+        dist.all_gather_object(ranks, mine)
+    if not env.master:
+        return
+    dest = os.path.join(train_cfg.out_dir, name)
+    tmp = f'{dest}.tmp{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(), model_cfg=asdict(model_cfg),
+                            train_cfg=asdict(train_cfg), step=step, best_val=best_val,
+                            ranks=ranks, data=dataset.checksums,
+                            loader=dataset.loaders['train'].state_dict(), flags=flags), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except (OSError, RuntimeError) as e:         # torch.save reports a full disk as RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        kept = 'no checkpoint was written yet'
+        if os.path.exists(dest):
+            kept = f'{dest} holds the previous one, intact'
+        die(f'could not write {dest} ({type(e).__name__}: '
+            f'{str(e).splitlines()[0][:80]}): free disk space or change --out_dir; {kept}')
+
+
+def evaluate_checkpoint(model, dataset, train_cfg, env):
+    """--mode eval: a checkpoint on val and test, with the protocol it was evaluated under (the
+    flags --seg_len, --mem_len and --clamp_len may change it)."""
+    cfg = model.cfg
+    env.print(f'eval: arch {cfg.arch} | seg_len {cfg.seg_len} | mem_len {cfg.mem_len} | '
+              f'n_mem_tokens {cfg.n_mem_tokens} | clamp_len {cfg.clamp_len}')
+    for split in ('val', 'test'):
+        line = evaluate(model, split, dataset, train_cfg, env)[1]   # every rank evaluates its share
+        env.print(f'{split}: {line}')
+
+
+# ----------------------------------------------------------------------------- lock, rank agreement
 def claim_out_dir(out_dir, env):
     """Rank 0 of a training run checks at start that out_dir is writable and locks it while this
     process lives, so that a second run there stops at once. The operating system releases the
@@ -446,132 +830,47 @@ def agree_on_start(step, env):
             ' every node must see the same --out_dir, on a shared file system')
 
 
-def restore(ckpt, path, given, optimizer, scheduler, dat, tcfg, env):
-    """Training state of a checkpoint, for this rank -> (step, best val loss, LM memory). The
-    weights are loaded by the caller, as for --init_from."""
-    if len(ckpt['ranks']) != env.world:
-        die(f"{path} was written by {len(ckpt['ranks'])} processes: resume with as many")
-    if ckpt['data'] != dat.checksums:            # older versions stored only LM split lengths
-        die(f'the data differ from those {path} was trained on (another file '
-            'or other contents): restore them, or start a new run with '
-            '--resume false or another --out_dir')
-    mine = ckpt['ranks'][env.rank]
-    optimizer.load_state_dict(ckpt['optimizer'])
-    scheduler.load_state_dict(ckpt['scheduler'])
-    if 'lr' in given:                            # a new --lr wins over the checkpoint's
-        optimizer.param_groups[0]['lr'], scheduler.base_lrs = tcfg.lr, [tcfg.lr]
-    torch.set_rng_state(mine['rng'])
-    if env.cuda and mine['cuda_rng'] is not None:
-        torch.cuda.set_rng_state(mine['cuda_rng'])
-    dat.loaders['train'].load_state_dict(ckpt['loader'])
-    return ckpt['step'], ckpt['best_val'], [memory.to_device(s, env.device) for s in mine['memory']]
+# ----------------------------------------------------------------------------- non-finite steps
+def count_nonfinite(step, skipped, train_cfg, env):
+    """A step whose gradient was not finite made no update (the same on every rank: gradients
+    are reduced). -> the number of such steps so far; past --skip_nonfinite, the run stops with
+    one line naming the last good checkpoint (exit 1). fp16: an overflow at a loss scale above 1
+    may be the scale's fault (the scaler halved it): not counted; one at scale 1 or below is the
+    model's."""
+    if not env.scaler.is_enabled() or env.scaler.get_scale() < 1:
+        skipped += 1
+    if skipped > train_cfg.skip_nonfinite:       # name a checkpoint only if one exists
+        last = os.path.join(train_cfg.out_dir, 'ckpt.pt')
+        fix = f'the last good checkpoint is {last}: resume it with --resume true'
+        if not os.path.exists(last):
+            fix = 'no checkpoint was written yet: start over'
+        die(f'non-finite loss or gradient at step {step}; {fix}, perhaps with a lower '
+            '--lr, or allow --skip_nonfinite N', code=1)
+    return skipped
 
 
-def save_checkpoint(name, step, best_val, states, flags, model, optimizer, scheduler, mcfg, tcfg,
-                    dat, env):
-    """All it takes to continue exactly. Every rank sends its RNG and memory, rank 0 writes:
-    temp file, fsync, rename, so that a crash never leaves a torn checkpoint."""
-    mine = dict(rng=torch.get_rng_state(), memory=[], cuda_rng=None)
-    if env.cuda:
-        mine['cuda_rng'] = torch.cuda.get_rng_state()
-    for s in states:                             # plain tuples: weights_only reads no namedtuple
-        mine['memory'].append(None if s is None else tuple(memory.to_device(s, 'cpu')))
-    ranks = [mine] * env.world
+# ----------------------------------------------------------------------------- signals, exit
+def catch_signals(handler=None):
+    """Route SIGINT (Ctrl-C) and SIGTERM to handler; by default record them in the returned list,
+    which the training loop reads after each step (stop_on_signal)."""
+    signals = []
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, handler or (lambda signum, frame: signals.append(signum)))
+    return signals
+
+
+def stop_on_signal(signals, step, best_val, states, to_save):
+    """A signal on any rank: every rank stops at this step, after one checkpoint, and exits with
+    128 + the signal; the same command continues the run."""
+    stop = len(signals)
+    env = to_save[-1]
     if env.ddp:
-        dist.all_gather_object(ranks, mine)
-    if not env.master:
-        return
-    dest = os.path.join(tcfg.out_dir, name)
-    tmp = f'{dest}.tmp{os.getpid()}'
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), model_cfg=asdict(mcfg),
-                            train_cfg=asdict(tcfg), step=step, best_val=best_val, ranks=ranks,
-                            data=dat.checksums, loader=dat.loaders['train'].state_dict(),
-                            flags=flags), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except (OSError, RuntimeError) as e:         # torch.save reports a full disk as RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        kept = 'no checkpoint was written yet'
-        if os.path.exists(dest):
-            kept = f'{dest} holds the previous one, intact'
-        die(f'could not write {dest} ({type(e).__name__}: '
-            f'{str(e).splitlines()[0][:80]}): free disk space or change --out_dir; {kept}')
-
-
-# ----------------------------------------------------------------------------- train, evaluate
-def train_step(ddp_model, optimizer, states, batch, tcfg, env):
-    """One optimizer step: grad_accum micro-steps, clip, update unless the gradient is not finite.
-    Micro-step m trains rows m*B..(m+1)*B with the memory those rows left at the last step."""
-    x, y, w = batch
-    G, mean_loss = tcfg.grad_accum, 0.0
-    weights = [None] * G if w is None else w.chunk(G)
-    for micro, (xm, ym, wm) in enumerate(zip(x.chunk(G), y.chunk(G), weights)):
-        # DDP: reduce the gradients once, after the last micro-step's backward
-        sync = nullcontext()
-        if env.ddp and micro < G - 1:
-            sync = ddp_model.no_sync()
-        with sync:
-            with env.autocast:
-                if w is None:                    # LM: the memory carried from the last step
-                    nll, states[micro] = ddp_model(xm, states[micro], ym)
-                    loss = nll.float().mean()
-                else:                            # algorithmic: each example from scratch
-                    nll, _ = ddp_model(xm, None, ym)
-                    loss = (nll.float() * wm).sum() / wm.sum()
-            # equal chunks: the mean of the chunks' means is the mean over the whole batch
-            env.scaler.scale(loss / G).backward()
-        mean_loss = mean_loss + loss.detach() / G
-    env.scaler.unscale_(optimizer)
-    gnorm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), tcfg.grad_clip or math.inf)
-    finite = bool(torch.isfinite(gnorm))
-    if finite or env.scaler.is_enabled():        # fp16: the scaler skips the step itself and
-        env.scaler.step(optimizer)               # halves its scale
-        env.scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return mean_loss, gnorm, finite
-
-
-def evaluate(model, split, dat, tcfg, env):
-    """-> (loss, a line of metrics): algorithmic tasks teacher-forced and free-running accuracy,
-    exact match; LM bpc (or perplexity for wt103), every scored token summed over the ranks."""
-    model.eval()
-    with torch.no_grad(), env.autocast:          # one autocast region: weights cast once
-        if dat.spec is not None:
-            sums, size = [0.0] * 8, 4 * tcfg.batch_size
-            for x, y, w in dat.loaders[split].eval_batches(size, tcfg.eval_examples or None):
-                batch = data.answer_metrics(model, x.to(env.device), y.to(env.device),
-                                            w.to(env.device), dat.spec['ans_len'],
-                                            dat.spec['score_len'])
-                sums = [a + b for a, b in zip(sums, batch)]
-            nll, n, n_ans, tf, fr, em, n_none, em_none = reduce(sums, env)
-            n_ex = n_ans / dat.spec['score_len']
-            res = dict(loss=nll / n, acc_tf=tf / n_ans, acc_free=fr / n_ans, exact=em / n_ex,
-                       n=int(n_ex))
-            if tcfg.task == 'sqeq':              # with real roots, and without (empty answer)
-                res['exact_roots'] = (em - em_none) / max(n_ex - n_none, 1)
-                res['exact_none'] = em_none / max(n_none, 1)
-                res['n_none'] = int(n_none)
-        else:                                    # memory carried through each rank's streams
-            state, nll, n = None, 0.0, 0
-            for x, y in dat.loaders[split].eval_windows(model.cfg.seg_len,
-                                                        tcfg.eval_tokens or None):
-                out, state = model(x.to(env.device), state, y.to(env.device))
-                nll, n = nll + out.sum().item(), n + out.numel()
-            nll, n = reduce([nll, n], env)
-            res = dict(loss=nll / n, n=int(n))
-            if tcfg.task == 'wt103':
-                res['ppl'] = math.exp(nll / n)
-            else:
-                res['bpc'] = nll / n / math.log(2)
-    model.train()
-    line = ' | '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
-                      for k, v in res.items())
-    return res['loss'], line
+        stop = reduce([stop], env)[0]
+    if stop:
+        save_checkpoint('ckpt.pt', step, best_val, states, *to_save)
+        env.print(f'stopped by a signal at step {step}: the same command continues the run',
+                  flush=True)
+        leave(128 + (signals[0] if signals else signal.SIGTERM))
 
 
 def stop_final_test(signum, frame):
@@ -579,116 +878,17 @@ def stop_final_test(signum, frame):
         '--init_from OUT_DIR/ckpt.pt` runs the test', code=128 + signum)
 
 
-# ----------------------------------------------------------------------------- main
-def main(argv):
-    if '--help' in argv or '-h' in argv:
-        for c in (ModelConfig, TrainConfig):     # the data set vocab_size and cutoffs
-            flags = [f for f in fields(c) if f.name not in FROM_DATA]
-            print(' '.join(f'--{f.name} {f.default!r}' for f in flags))
-        return
-    # config: defaults <- preset <- flags, or a checkpoint's configs <- flags
-    given = parse_flags(argv)
-    ckpt, path, resuming = choose_start(given, given.get('out_dir', TrainConfig.out_dir))
-    mcfg, tcfg, why = make_configs(given, ckpt, path, resuming)
-    env = setup(tcfg)
-    agree_on_start(ckpt['step'] if resuming else 0, env)
-    if tcfg.mode == 'train':
-        env.print(f'preset {tcfg.preset} ({why})')
-        lock = claim_out_dir(tcfg.out_dir, env)  # held until this process ends
-    dat = load_data(tcfg, mcfg, env)
-    check_fits(mcfg, tcfg, dat, env)
-    model = MemTransformer(mcfg).to(env.device)
-    optimizer, scheduler = make_optimizer(model, tcfg, env)
-    if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt['model'])
-        except RuntimeError:
-            die(f'{path} does not fit this model (other size or vocabulary): '
-                'give the matching flags or another checkpoint')
-    # LM: each micro-step's streams carry their memory from step to step
-    start, best_val, states = 0, float('inf'), [None] * tcfg.grad_accum
-    if resuming:
-        start, best_val, states = restore(ckpt, path, given, optimizer, scheduler, dat, tcfg, env)
-        env.print(f'resuming {path} at step {start} of {tcfg.max_iters}')
-    if tcfg.compile:     # each segment is one graph; shapes settle after the first segments
-        model.segment = torch.compile(model.segment)
-    ddp_model = model
-    if env.ddp:  # no buffers to broadcast: memory is passed in and out of forward; on LM streams
-        # the initial RMT memory is unused after the first step (the carried memory replaces it)
-        ddp_model = DDP(model, device_ids=[env.device] if env.cuda else None,
-                        find_unused_parameters=mcfg.n_mem_tokens > 0 and dat.spec is None)
-    if tcfg.mode == 'eval':
-        env.print(f'eval: arch {mcfg.arch} | seg_len {mcfg.seg_len} | mem_len {mcfg.mem_len} | '
-                  f'n_mem_tokens {mcfg.n_mem_tokens} | clamp_len {mcfg.clamp_len}')
-        for split in ('val', 'test'):
-            line = evaluate(model, split, dat, tcfg, env)[1]   # every rank evaluates its share
-            env.print(f'{split}: {line}')
-    if tcfg.mode != 'train':
-        return
-    # ------------------------------------------------------------------------- training loop
-    n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    env.print(f'task {tcfg.task} | arch {mcfg.arch} | {n_params:.2f}M params | '
-              f'world {env.world} | device {env.device}')
-    flags = run_flags(given)                     # stored with the run, for --resume auto
-    if resuming:
-        flags = {**ckpt.get('flags', {}), **flags}
-    ckpt_args = (flags, model, optimizer, scheduler, mcfg, tcfg, dat, env)
-    signals = []                                 # SIGINT/SIGTERM: checkpoint, then exit
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, lambda signum, frame: signals.append(signum))
-    t0, n_tok, n_seen, skipped = time.time(), 0, 0, 0
-    for step in range(start + 1, tcfg.max_iters + 1):
-        x, y, w, n = get_batch(dat, step - 1, env)
-        loss, gnorm, ok = train_step(ddp_model, optimizer, states, (x, y, w), tcfg, env)
-        n_tok, n_seen = n_tok + n, n_seen + x.numel()
-        # a non-finite gradient: no update (the same on every rank: gradients are reduced)
-        if not ok:
-            states = [None] * tcfg.grad_accum
-            # fp16: an overflow at a loss scale above 1 may be the scale's fault (it was halved):
-            # not counted; one at scale 1 or below is the model's
-            if not env.scaler.is_enabled() or env.scaler.get_scale() < 1:
-                skipped += 1
-            if skipped > tcfg.skip_nonfinite:    # name a checkpoint only if one exists
-                last = os.path.join(tcfg.out_dir, 'ckpt.pt')
-                fix = f'the last good checkpoint is {last}: resume it with --resume true'
-                if not os.path.exists(last):
-                    fix = 'no checkpoint was written yet: start over'
-                die(f'non-finite loss or gradient at step {step}; {fix}, perhaps with a lower '
-                    '--lr, or allow --skip_nonfinite N', code=1)
-            continue
-        if tcfg.schedule == 'cosine':
-            scheduler.step()
-        if step % tcfg.log_interval == 0 and env.master:
-            dt = time.time() - t0
-            print(f'step {step} | loss {loss.item():.4f} | lr {optimizer.param_groups[0]["lr"]:.2e}'
-                  f' | gnorm {gnorm.item():.2f} | {1000 * dt / tcfg.log_interval:.0f} ms/step | '
-                  f'{n_tok * env.world / dt:.0f} tok/s | {model.mfu(n_seen / dt, True, env.dtype)}',
-                  flush=True)
-            t0, n_tok, n_seen = time.time(), 0, 0
-        if step % tcfg.eval_interval == 0 or step == tcfg.max_iters:
-            t_val = time.time()
-            val_loss, metrics = evaluate(model, 'val', dat, tcfg, env)
-            if tcfg.schedule == 'plateau':
-                scheduler.step(val_loss)
-            env.print(f'val step {step}: {metrics} | {time.time() - t_val:.1f} s', flush=True)
-            if val_loss < best_val:
-                best_val = val_loss
-                save_checkpoint('best.pt', step, best_val, states, *ckpt_args)
-            save_checkpoint('ckpt.pt', step, best_val, states, *ckpt_args)
-            t0 = time.time()
-        # a signal on any rank: every rank stops at this step, after one checkpoint
-        stop = len(signals)
-        if env.ddp:
-            stop = reduce([stop], env)[0]
-        if stop:
-            save_checkpoint('ckpt.pt', step, best_val, states, *ckpt_args)
-            env.print(f'stopped by a signal at step {step}: the same command continues the run',
-                      flush=True)
-            leave(128 + (signals[0] if signals else signal.SIGTERM))
-    # ------------------------------------------------------------------------- final test, cleanup
-    for s in (signal.SIGINT, signal.SIGTERM):    # a signal now ends the run: all is saved
-        signal.signal(s, stop_final_test)
-    env.print(f"test: {evaluate(model, 'test', dat, tcfg, env)[1]}")
+def leave(code):
+    """End the process with `code`. Under torchrun, skip the interpreter's shutdown: gloo's worker
+    threads may still be freeing finished collectives, and freeing one that holds a Python object
+    takes the GIL, which aborts the process once shutdown has begun (SIGABRT, in a few percent of
+    two-node runs here; pytorch/pytorch#179291). Nor is the process group destroyed: the exit frees
+    it. Checkpoints are synced to disk as they are written: skipping the shutdown loses nothing."""
+    if dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == '__main__':

@@ -3,7 +3,6 @@ The pool stays XL's FIFO of M = mem_len inputs per layer; at evaluation each lay
 row attends to [K selected | R recent | current]: the R newest pool states, plus the K older ones
 with the best score. `python trams.py out/ckpt.pt`: the paper's M 400, R 150, K 50, segment 64.
 Shapes: B batch, H heads, S segment, P pool, N = P-R candidates, n = K+R kept, D head, C d_model."""
-import argparse
 import itertools
 import math
 import resource
@@ -15,8 +14,9 @@ import torch
 
 import data
 import memory
-from model import MemTransformer, ModelConfig, attention, rel_shift
-from train import devices, die, load_checkpoint
+from model import MemTransformer, ModelConfig, check_limits, keep_all
+from train import (choose_device, die, load_checkpoint, load_weights, parse_flags, print_help,
+                   stream_nll)
 
 SELECTORS = ('trams', 'trams_paper', 'oracle', 'random', 'none')
 
@@ -49,9 +49,10 @@ def trams_scores(w_q, k, paper=False, weights=None):
     return score.view(H, k.size(0), -1).transpose(0, 1)                       # (B, H, N)
 
 
-def probs(q_u, k, bd, mask):
-    """Attention probabilities (B, H, S, K) as `model.attention` forms them (bd already scaled)."""
-    logits = q_u @ k.transpose(2, 3) / math.sqrt(k.size(3)) + bd               # (B, H, S, K)
+def probs(q_u, k, pos_scores, mask):
+    """Attention probabilities (B, H, S, K) as `model.attention` forms them (pos_scores already
+    scaled)."""
+    logits = q_u @ k.transpose(2, 3) / math.sqrt(k.size(3)) + pos_scores       # (B, H, S, K)
     return logits.masked_fill(~mask, float('-inf')).softmax(-1)
 
 
@@ -69,15 +70,17 @@ def gather(t, idx):
     return t.reshape(B * H * P, D).index_select(0, rows.view(-1)).view(B, H, -1, D)
 
 
-def positions(pos_scores, S, idx=None):
-    """Positional scores (B, H, S, n+S) from pos_scores = (q+v)·W_R r / sqrt(D) over every
-    distance. idx None: contiguous slots (official code: selected states look closer than they
-    are); idx (B, H, n): each kept pool state at its true distance."""
-    bd = rel_shift(pos_scores, pos_scores.size(-1) - S)                       # (B, H, S, P+S)
-    if idx is None:
-        return bd
-    kept = bd[..., :-S].gather(-1, idx[:, :, None].expand(-1, -1, S, -1))     # (B, H, S, n)
-    return torch.cat([kept, bd[..., -S:]], -1)                                # (B, H, S, n+S)
+def narrow_positions(pos_scores, idx, true_pos):
+    """Positional scores (B, H, S, n+S) of the kept keys, from those of every key, pos_scores
+    (B, H, S, P+S) at true distances, and the kept pool indices idx (B, H, n). true_pos: each kept
+    pool state at its true distance; else (the official code) the n kept states take the n
+    contiguous slots just before the segment: they look closer than they are."""
+    S, n = pos_scores.size(2), idx.size(2)
+    P = pos_scores.size(3) - S
+    if not true_pos:
+        return pos_scores[..., P - n:]                                        # (B, H, S, n+S)
+    kept = pos_scores[..., :P].gather(-1, idx[:, :, None].expand(-1, -1, S, -1))  # (B, H, S, n)
+    return torch.cat([kept, pos_scores[..., P:]], -1)                         # (B, H, S, n+S)
 
 
 @dataclass
@@ -102,11 +105,46 @@ class Selection:
             return 'none'
         return self.mem_select
 
-    def pool_keys(self, attn, h, cache, kept, method):
-        """memory.Kept of [pool | segment]: keys and values (B, H, P+S, D) from the layer, which
-        projects only the segment when the pool's rows are kept; TRAMS scores (B, H, P+S), content
-        only, so each is also computed once, when its state enters. Other methods: no scores."""
-        keys, values = attn.keys_values(h, cache, kept)                      # (B, H, P+S, D)
+    def narrow(self, attn, q_u, keys, values, pos_scores, mask, kept):
+        """TRAMS's narrowing step, in place of model.keep_all (same arguments and result): score
+        the older pool states, keep the top K of them and the R recent ones, gather their keys,
+        values, positional scores and mask columns. keys (B, H, P+S, D) of [pool | segment]."""
+        if attn.training:                        # selection is for evaluation only
+            return keep_all(attn, q_u, keys, values, pos_scores, mask, kept)
+        (B, H, S, D), R, K = q_u.shape, self.select_recent, self.select_topk
+        P = keys.size(2) - S
+        method = self.method(attn.layer)
+        if R + K >= P:                           # nothing to drop (the pool still fills): XL
+            method = 'none'
+        with torch.no_grad():
+            new_kept = self.score_pool(attn, keys, values, kept, method)
+            n = P                                # memory keys attended
+            if method != 'none':
+                n = R + K
+                # 1. score the P-R older pool states (the R newest are always kept)
+                if method == 'oracle':   # paper Fig. 1 upper bound: the attention each receives
+                    scores = probs(q_u, keys, pos_scores, mask)[..., :P - R].sum(2)  # (B,H,P-R)
+                elif method == 'random':
+                    scores = torch.rand(B, H, P - R, generator=self.gen).to(q_u.device)
+                else:
+                    scores = new_kept.scores[..., :P - R]                          # (B, H, P-R)
+                # 2. top-K, in time order, then the recent block and the segment: n+S kept keys
+                idx = select(scores, K, P + S)                                     # (B, H, n+S)
+                self.picked[attn.layer] = idx[..., :n]
+                # 3. gather their keys, values and positional scores; the mask keeps its last
+                # n+S columns (the pool is in every query's past, so those columns are all True)
+                keys, values = gather(keys, idx), gather(values, idx)             # (B,H,n+S,D)
+                pos_scores = narrow_positions(pos_scores, idx[..., :n], self.select_true_pos)
+                mask = mask[:, P - n:]                                             # (S, n+S)
+            if self.stats:  # attention probability on the n memory keys (an untimed pass)
+                p = probs(q_u, keys, pos_scores, mask)                             # (B,H,S,n+S)
+                self.mass, self.queries = self.mass + p[..., :n].sum(), self.queries + B * H * S
+        return keys, values, pos_scores, mask, new_kept
+
+    def score_pool(self, attn, keys, values, kept, method):
+        """memory.Kept of [pool | segment]: its keys and values (B, H, P+S, D), and for TRAMS their
+        scores (B, H, P+S), content only, so each is computed once, when its state enters (the
+        pool's are in kept). Other methods: no scores."""
         if method not in ('trams', 'trams_paper'):
             return memory.Kept(keys, values, None)
         known = 0                                # pool rows whose scores were kept
@@ -118,85 +156,76 @@ class Selection:
             scores = torch.cat([kept.scores, scores], 2)                     # (B, H, P+S)
         return memory.Kept(keys, values, scores)
 
-    @torch.no_grad()
-    def attend(self, attn, q, h, cache, kept, pos, u, v, mask):
-        """TRAMS attention of one layer: keys of [pool | segment], score the older pool states,
-        top-k, gather, attend over [K selected | R recent | segment]. Returns (B, H, S, D) and
-        what to keep of [pool | segment]."""
-        (B, H, S, D), P, R, K = q.shape, cache.size(1), self.select_recent, self.select_topk
-        method = self.method(attn.layer)
-        dropping = method != 'none' and R + K < P     # else plain XL (the pool is still filling)
-        if not dropping:
-            method = 'none'
-        new = self.pool_keys(attn, h, cache, kept, method)
-        keys, values = new.keys, new.values                                  # (B, H, P+S, D)
-        n, true_idx = P, None          # memory keys attended; their pool indices (true_pos)
-        if dropping:
-            n = R + K
-        # positional scores: every distance where all are needed, else only the n+2S nearest
-        all_dist = not dropping or self.select_true_pos or method == 'oracle'
-        r_pos = pos                                                          # (P+2S, C)
-        if not all_dist:
-            r_pos = pos[P - n:]                                              # (n+2S, C)
-        pos_scores = attn.position_scores(q, v, r_pos).transpose(0, 1)       # (B, H, S, .)
-        if dropping:
-            # 1. score the P-R older pool states (the R newest are always kept)
-            if method == 'oracle':   # paper Fig. 1 upper bound: the attention each one receives
-                p = probs(q + u, keys, positions(pos_scores, S), mask)         # (B, H, S, P+S)
-                scores = p[..., :P - R].sum(2)                                 # (B, H, P-R)
-            elif method == 'random':
-                scores = torch.rand(B, H, P - R, generator=self.gen).to(q.device)
-            else:
-                scores = new.scores[..., :P - R]                               # (B, H, P-R)
-            # 2. top-K, in time order, then the recent block and the segment: n+S kept keys
-            idx = select(scores, K, P + S)                                     # (B, H, n+S)
-            self.picked[attn.layer] = idx[..., :n]
-            # 3. gather their keys and values; the mask keeps its last n+S columns (the pool is
-            # in every query's past, so those columns are all True)
-            keys, values, mask = gather(keys, idx), gather(values, idx), mask[:, P - n:]
-            if self.select_true_pos:
-                true_idx = idx[..., :n]
-            elif all_dist:
-                pos_scores = pos_scores[..., P - n:]           # oracle: back to compressed slots
-        # 4. attend; positions: contiguous slots, or the kept states' true distances
-        bd = positions(pos_scores, S, true_idx)                                # (B, H, S, n+S)
-        if self.stats:  # attention probability on the n memory keys (an untimed pass)
-            p = probs(q + u, keys, bd, mask)                                   # (B, H, S, n+S)
-            self.mass, self.queries = self.mass + p[..., :n].sum(), self.queries + B * H * S
-        y = attention(q + u, keys, values, bd, mask)                           # (B, H, S, D)
-        return y, new
-
 
 def attach(model, sel):
-    """Route every layer's attention through `sel.attend` (sel = None: back to plain XL). The
-    score weights of each W_Q are computed here, once: the weights are fixed in evaluation."""
+    """Install `sel.narrow` as every layer's narrowing step (sel = None: back to plain XL's
+    model.keep_all). The score weights of each W_Q are computed here, once: the weights are fixed
+    in evaluation."""
     for block in model.blocks:
-        block.attn.selection = sel
+        block.attn.narrow = keep_all
         if sel is not None:
+            block.attn.narrow = sel.narrow
             with torch.no_grad():
                 sel.weights[block.attn.layer] = score_weights(block.attn.q.weight, block.attn.H)
 
 
 # ----------------------------------------------------------------------------- command line
-def evaluate(model, tokens, sel, args, device):
-    """Paper protocol: contiguous streams, every target scored once, memory carried. Returns
-    (mean NLL, tokens scored, seconds, probability on memory, peak MB, blocks): blocks (N, 2)
-    holds the NLL sum and the token count of each (stream, segment), for paired intervals."""
-    model.cfg = replace(model.cfg, mem_len=args.pool, seg_len=args.seg_len)
+@dataclass
+class TramsConfig:
+    """The flags of `python trams.py CKPT` (parsed like train.py's)."""
+    ckpt: str = ''             # the xl checkpoint to evaluate (also the first plain argument)
+    task: str = ''             # '' = the checkpoint's; or another LM task of the same vocabulary
+    data_path: str = ''        # '' = the checkpoint's (text: the file)
+    data_dir: str = ''         # '' = the checkpoint's
+    mem_len: int = 400         # M: the pool of layer inputs per layer
+    select_recent: int = 150   # R: newest pool states, always kept
+    select_topk: int = 50      # K: best older states kept (the paper's m = R + K)
+    select_true_pos: bool = False  # selected states at their true distances (default: the
+    #                                official code's contiguous slots just before the recent ones)
+    select_layers: tuple = ()  # layers that select, e.g. 2,3 (paper Fig. 7); () = all
+    seg_len: int = 64          # n: segment length at evaluation
+    batch_size: int = 10       # streams of the test split
+    eval_tokens: int = 0       # tokens per stream row to score (0 = the whole test split)
+    repeat: int = 1            # timed passes per row (seconds: their median)
+    sweep: str = ''            # NAME=v1,v2,..: XL(R+K) and TRAMS per value of mem_len,
+    #                            select_topk, select_recent or seg_len (paper Figs. 4-6)
+    intervals: int = 0         # > 0: each row minus XL(R+K) with a 95% paired bootstrap interval
+    #                            of this many resamples
+    show: bool = False         # paper Table 3: the pool's text with the TRAMS picks in [brackets]
+    layer: int = -1            # --show: the layer (-1 = the last)
+    head: int = 0              # --show: the head
+    device: str = 'auto'       # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self):
+        check_limits(self, TRAMS_LIMITS)
+        if self.select_recent + self.select_topk > self.mem_len:
+            raise ValueError(f'--select_recent {self.select_recent} + --select_topk '
+                             f'{self.select_topk} exceed --mem_len {self.mem_len}: TRAMS selects '
+                             'from the pool; lower them or raise --mem_len')
+
+
+TRAMS_LIMITS = dict(mem_len='>= 1', select_recent='>= 0', select_topk='>= 1', seg_len='>= 1',
+                    batch_size='>= 1', eval_tokens='>= 0', repeat='>= 1', intervals='>= 0',
+                    head='>= 0')
+SWEEPABLE = ('mem_len', 'select_topk', 'select_recent', 'seg_len')
+
+
+def evaluate(model, tokens, sel, cfg, pool, device):
+    """Paper protocol: contiguous streams, every target scored once, memory carried (train.py's
+    stream_nll, in float32), with a pool of `pool` states. Returns (mean NLL, tokens scored,
+    seconds, probability on memory, peak MB, blocks): blocks (N, 2) holds the NLL sum and the
+    token count of each (stream, segment), for paired intervals."""
+    model.cfg = replace(model.cfg, mem_len=pool, seg_len=cfg.seg_len)
     routed = sel
     if sel.mem_select == 'none' and not sel.stats:
         routed = None                            # timed plain XL: the model's own attention
     attach(model, routed)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-    t0, state, blocks = time.time(), None, []
+    t0 = time.time()
     with torch.no_grad():
-        for x, y in data.Stream(tokens, args.batch_size, args.seg_len).eval_windows(
-                args.seg_len, args.eval_tokens or None):
-            out, state = model(x.to(device), state, y.to(device))                 # (B, w)
-            nll = out.double().sum(1)                                               # (B,)
-            blocks.append(torch.stack([nll, torch.full_like(nll, out.size(1))], 1))  # (B, 2)
-    blocks = torch.cat(blocks).cpu()                 # .cpu() waits for the GPU: then the clock
+        blocks = stream_nll(model, data.Stream(tokens, cfg.batch_size, cfg.seg_len), cfg.seg_len,
+                            cfg.eval_tokens or None, device)
     dt, (nll, n) = time.time() - t0, blocks.sum(0).tolist()
     attach(model, None)
     if device.type == 'cuda':
@@ -218,129 +247,123 @@ def paired_interval(blocks, ref, n_boot, seed=0):
     return (blocks[:, 0].sum() - ref[:, 0].sum()).item() / ref[:, 1].sum().item(), lo, hi
 
 
-def compare(model, tokens, args, device, rows):
+def compare(model, tokens, cfg, device, rows):
     """rows: (name, mem_select, pool). Pass 0: metrics and statistic; then --repeat timed passes."""
     res, times = {}, []
-    for rep in range(args.repeat + 1):
+    for rep in range(cfg.repeat + 1):
         for name, method, pool in rows:
-            sel = Selection(method, args.select_recent, args.select_topk, args.select_true_pos,
-                            args.select_layers, stats=rep == 0)
-            r = evaluate(model, tokens, sel, argparse.Namespace(**vars(args), pool=pool), device)
+            sel = Selection(method, cfg.select_recent, cfg.select_topk, cfg.select_true_pos,
+                            cfg.select_layers, stats=rep == 0)
+            r = evaluate(model, tokens, sel, cfg, pool, device)
             res[name] = res.get(name, r)
             times.append(r[2])
-    t = torch.tensor(times).view(args.repeat + 1, len(rows))[1:]         # (repeat, rows) seconds
+    t = torch.tensor(times).view(cfg.repeat + 1, len(rows))[1:]          # (repeat, rows) seconds
     dt, ratio = t.median(0).values, (t / t[:, :1]).median(0).values   # ratio: within a pass
     return {k: (*r[:2], dt[i], ratio[i], *r[3:]) for i, (k, r) in enumerate(res.items())}
 
 
-def show(model, corpus, args, device):
+def show(model, corpus, cfg, device):
     """Paper Table 3: memory text with the TRAMS picks in [brackets], then the segment predicted."""
-    sel = Selection('trams', args.select_recent, args.select_topk, args.select_true_pos)
-    model.cfg = replace(model.cfg, mem_len=args.mem_len, seg_len=args.seg_len)
+    sel = Selection('trams', cfg.select_recent, cfg.select_topk, cfg.select_true_pos)
+    model.cfg = replace(model.cfg, mem_len=cfg.mem_len, seg_len=cfg.seg_len)
     attach(model, sel)
-    windows = data.Stream(corpus.test, 1, args.seg_len).eval_windows(args.seg_len)
+    windows = data.Stream(corpus.test, 1, cfg.seg_len).eval_windows(cfg.seg_len)
     seen, state = [], None
     with torch.no_grad():
-        for _, (x, _) in zip(range(-(-args.mem_len // args.seg_len) + 1), windows):
+        for _, (x, _) in zip(range(-(-cfg.mem_len // cfg.seg_len) + 1), windows):
             _, state = model(x.to(device), state)
             seen.append(x[0])
-    hist, layer = torch.cat(seen[:-1]).tolist()[-args.mem_len:], args.layer % model.cfg.n_layer
-    if len(hist) <= args.select_recent + args.select_topk:
+    hist, layer = torch.cat(seen[:-1]).tolist()[-cfg.mem_len:], cfg.layer % model.cfg.n_layer
+    if len(hist) <= cfg.select_recent + cfg.select_topk:
         die('the test split is too short to fill the pool: lower --mem_len')
-    keep, N = set(sel.picked[layer][0, args.head].tolist()), len(hist) - args.select_recent
+    keep, N = set(sel.picked[layer][0, cfg.head].tolist()), len(hist) - cfg.select_recent
     runs = itertools.groupby(range(N), lambda j: j in keep)   # decoded together: UTF-8 stays whole
     sep = ' ' if corpus.itos is not None else ''
 
     def txt(ids):
         return corpus.decode(list(ids)).replace('\n', '⏎')
-    print(f'layer {layer} head {args.head}: [the {args.select_topk} TRAMS picks] among the '
-          f'{N} oldest of {len(hist)} pool states || the {args.select_recent} recent ones, '
+    print(f'layer {layer} head {cfg.head}: [the {cfg.select_topk} TRAMS picks] among the '
+          f'{N} oldest of {len(hist)} pool states || the {cfg.select_recent} recent ones, '
           'always kept')
     print(sep.join(f'[{txt(hist[j] for j in js)}]' if kept else txt(hist[j] for j in js)
                    for kept, js in runs) + f'{sep}||{sep}' + txt(hist[N:]))
     print(f'predicting: {txt(seen[-1].tolist())}')
 
 
+def make_settings(given):
+    """-> (TramsConfig, the settings to run: one, or one per --sweep value, each checked)."""
+    try:
+        cfg = TramsConfig(**given)
+        key, _, values = cfg.sweep.partition('=')
+        if not cfg.sweep:
+            return cfg, [cfg]
+        if key not in SWEEPABLE or not values:
+            raise ValueError(f"--sweep takes NAME=v1,v2,.. with NAME one of {', '.join(SWEEPABLE)}"
+                             f", not '{cfg.sweep}'")
+        try:
+            values = [int(v) for v in values.split(',') if v]
+        except ValueError:
+            raise ValueError(f"--sweep values are integers, not '{values}'") from None
+        return cfg, [replace(cfg, **{key: v}) for v in values]
+    except (TypeError, ValueError) as e:
+        die(str(e))
+
+
 def main(argv):
-    p = argparse.ArgumentParser(description='TRAMS evaluation of an xl checkpoint')
-    p.error = die                  # bad flags: one line, exit 2, like train.py
-    p.add_argument('ckpt')
-    for name, default in dict(task='', data_path='', data_dir='', mem_len=400, select_recent=150,
-                              select_topk=50, seg_len=64, batch_size=10, eval_tokens=0, repeat=1,
-                              select_layers='', sweep='', layer=-1, head=0, device='auto',
-                              intervals=0).items():
-        p.add_argument(f'--{name}', type=type(default), default=default)
-    for name in ('--select_true_pos', '--show'):
-        p.add_argument(name, action='store_true')
-    args = p.parse_args(argv)
-    ckpt = load_checkpoint(args.ckpt)
-    mc, tc, task = ckpt['model_cfg'], ckpt['train_cfg'], args.task or ckpt['train_cfg']['task']
+    if '--help' in argv or '-h' in argv:
+        return print_help((TramsConfig,), __doc__, presets=False)
+    cfg, settings = make_settings(parse_flags(argv, (TramsConfig,), positional='ckpt'))
+    if not cfg.ckpt:
+        die('give the checkpoint of an xl model: python trams.py OUT_DIR/ckpt.pt')
+    ckpt = load_checkpoint(cfg.ckpt)
+    mc, tc, task = ckpt['model_cfg'], ckpt['train_cfg'], cfg.task or ckpt['train_cfg']['task']
     if mc['arch'] != 'xl' or task not in data.LM_TASKS:
         die(f"TRAMS needs an xl checkpoint and a language-modelling task, not '{mc['arch']}' on "
-            f"'{task}' ({args.ckpt})")
-    key, _, vals = args.sweep.partition('=')
-    try:
-        args.select_layers = tuple(int(v) for v in args.select_layers.split(',') if v)
-        settings = [argparse.Namespace(**{**vars(args), key: int(v)}) for v in vals.split(',') if v]
-    except ValueError:
-        die('--select_layers and --sweep take comma-separated integers')
-    sweepable = ('mem_len', 'select_topk', 'select_recent', 'seg_len')
-    if args.sweep and not (key in sweepable and settings):
-        die('--sweep takes mem_len=, select_topk=, select_recent= or seg_len= and values')
-    if any(min(b.seg_len, b.batch_size, b.select_topk, b.repeat, b.select_recent + 1,
-               b.intervals + 1, b.eval_tokens + 1) < 1
-           or b.select_recent + b.select_topk >= b.mem_len for b in settings or [args]):
-        die('need --seg_len --batch_size --select_topk --repeat >= 1, --select_recent, '
-            '--intervals and --eval_tokens >= 0, and '
-            '--select_recent + --select_topk < --mem_len (else nothing is dropped)')
-    layers_ok = all(0 <= i < mc['n_layer'] for i in args.select_layers)
-    layers_ok = layers_ok and -mc['n_layer'] <= args.layer < mc['n_layer']    # -1: the last
-    if not layers_ok or not 0 <= args.head < mc['n_head']:
+            f"'{task}' ({cfg.ckpt})")
+    layers_ok = all(0 <= i < mc['n_layer'] for i in cfg.select_layers)
+    layers_ok = layers_ok and -mc['n_layer'] <= cfg.layer < mc['n_layer']    # -1: the last
+    if not layers_ok or not cfg.head < mc['n_head']:
         die(f"--select_layers / --layer / --head out of range: {mc['n_layer']} layers, "
             f"{mc['n_head']} heads")
-    if args.device not in devices():
-        die(f"unknown device '{args.device}': use one of {', '.join(devices())}")
-    if args.device == 'auto':
-        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    device = torch.device(args.device)
+    device = torch.device(choose_device(cfg.device))
     try:
-        corpus = data.load_corpus(task, args.data_dir or tc['data_dir'],
-                                  args.data_path or tc['data_path'])
-        for b in settings or [args]:             # the test split must fill batch_size streams
+        corpus = data.load_corpus(task, cfg.data_dir or tc['data_dir'],
+                                  cfg.data_path or tc['data_path'])
+        for b in settings:                       # the test split must fill batch_size streams
             data.Stream(corpus.test, b.batch_size, b.seg_len)
     except data.DataError as e:
         die(str(e))
     model = MemTransformer(ModelConfig(**mc)).to(device).eval()
-    model.load_state_dict(ckpt['model'])
-    if args.show:
-        return show(model, corpus, args, device)
+    load_weights(model, ckpt, cfg.ckpt)
+    if cfg.show:
+        return show(model, corpus, cfg, device)
     unit = 'ppl' if task == 'wt103' else 'bpc'
-    print(f'M={args.mem_len} R={args.select_recent} K={args.select_topk} n={args.seg_len} '
-          f'B={args.batch_size} true_pos={args.select_true_pos} '
-          f'layers={args.select_layers or "all"} on {device}, s = median')
+    print(f'M={cfg.mem_len} R={cfg.select_recent} K={cfg.select_topk} n={cfg.seg_len} '
+          f'B={cfg.batch_size} true_pos={cfg.select_true_pos} '
+          f'layers={cfg.select_layers or "all"} on {device}, s = median')
     # --intervals N: each row's difference to XL(R+K) with its 95% paired bootstrap interval
-    delta = ''
-    if args.intervals:
+    delta, key, swept = '', cfg.sweep.partition('=')[0], bool(cfg.sweep)
+    if cfg.intervals:
         delta = f" {'nll (nats)' if unit == 'ppl' else 'bpc'} - XL(R+K) [95%] |"
-    print(f"| {'setting | ' * bool(settings)}row | {unit} | tokens | s | vs XL(R+K) | "
-          f"prob on memory | peak MB |{delta}\n|---|" + '---|' * (6 + bool(settings) + bool(delta)))
-    for b in settings or [args]:     # a sweep (paper Figs. 4-6): XL(R+K) and TRAMS per setting
+    print(f"| {'setting | ' * swept}row | {unit} | tokens | s | vs XL(R+K) | "
+          f"prob on memory | peak MB |{delta}\n|---|" + '---|' * (6 + swept + bool(delta)))
+    for b in settings:     # a sweep (paper Figs. 4-6): XL(R+K) and TRAMS per setting
         m = b.select_recent + b.select_topk      # the paper's memory size m
         rows = [('XL mem R+K', 'none', m), ('TRAMS', 'trams', b.mem_len)]
-        if not settings:
+        if not swept:
             rows[1:1] = [('XL mem M', 'none', b.mem_len), ('XL mem R', 'none', b.select_recent)]
             rows += [(name, method, b.mem_len) for name, method in (
                 ('TRAMS (paper score)', 'trams_paper'), ('oracle', 'oracle'), ('random', 'random'))]
         rows = [r for r in rows if r[2] > 0]     # XL(R) with R = 0 would have no memory at all
         res = compare(model, corpus.test, b, device, rows)
         for name, (nll, n, dt, ratio, prob, peak, blocks) in res.items():
-            line = (f"| {f'{getattr(b, key)} | ' if settings else ''}{name} | "
+            line = (f"| {f'{getattr(b, key)} | ' if swept else ''}{name} | "
                     f"{math.exp(nll) if unit == 'ppl' else nll / math.log(2):.4f} | {n} | "
                     f'{dt:.2f} | {ratio:.2f}x | {prob:.4f} | {peak:.0f} |')
-            if args.intervals:
+            if cfg.intervals:
                 scale = 1 / math.log(2) if unit == 'bpc' else 1      # nats -> bits per byte
                 d, lo, hi = (v * scale for v in paired_interval(
-                    blocks, res['XL mem R+K'][-1], args.intervals))
+                    blocks, res['XL mem R+K'][-1], cfg.intervals))
                 line += f' {d:+.4f} [{lo:+.4f}, {hi:+.4f}] |'
             print(line, flush=True)
 
