@@ -822,6 +822,22 @@ def test_help_lists_every_flag_with_its_meaning_and_the_presets():
         ln.split()[0] for ln in out.splitlines() if ln.startswith('  --')}
 
 
+def test_log_speed_counts_the_steps_since_the_last_line_without_validation():
+    clock = iter([100.0, 103.0, 103.0, 110.0, 110.0])  # start; a line (and restart) 3 s later, 7 s
+    env = train.Env('cpu', 0, 1, False, torch.float32, None, None, True, False)
+    with _patch(train.time, time=lambda: next(clock)):
+        meter = train.Meter(tiny('xl'), env)
+        for _ in range(3):
+            meter.count(50, 60)
+        first = meter.line()                     # 3 s over 3 steps
+        meter.count(50, 60)
+        meter.exclude(4.0)                       # a validation and checkpoint took 4 of the 7 s
+        meter.count(50, 60)
+        second = meter.line()                    # 3 s over 2 steps
+    assert first.startswith('1000 ms/step | 50 tok/s'), first
+    assert second.startswith('1500 ms/step | 33 tok/s'), second
+
+
 def test_preset_choice_quick_default_on_every_device():
     for gpu in (False, True):
         with mock.patch.object(torch.cuda, 'is_available', return_value=gpu):

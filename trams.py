@@ -316,24 +316,28 @@ def main(argv):
     if not cfg.ckpt:
         die('give the checkpoint of an xl model: python trams.py OUT_DIR/ckpt.pt')
     ckpt = load_checkpoint(cfg.ckpt)
-    mc, tc, task = ckpt['model_cfg'], ckpt['train_cfg'], cfg.task or ckpt['train_cfg']['task']
-    if mc['arch'] != 'xl' or task not in data.LM_TASKS:
-        die(f"TRAMS needs an xl checkpoint and a language-modelling task, not '{mc['arch']}' on "
-            f"'{task}' ({cfg.ckpt})")
-    layers_ok = all(0 <= i < mc['n_layer'] for i in cfg.select_layers)
-    layers_ok = layers_ok and -mc['n_layer'] <= cfg.layer < mc['n_layer']    # -1: the last
-    if not layers_ok or not cfg.head < mc['n_head']:
-        die(f"--select_layers / --layer / --head out of range: {mc['n_layer']} layers, "
-            f"{mc['n_head']} heads")
+    try:
+        model_cfg, train_fields = ModelConfig(**ckpt['model_cfg']), dict(ckpt['train_cfg'])
+    except (TypeError, ValueError) as e:
+        die(f'{cfg.ckpt} holds no valid model configuration ({e}): use another checkpoint')
+    task = cfg.task or train_fields['task']
+    if model_cfg.arch != 'xl' or task not in data.LM_TASKS:
+        die(f"TRAMS needs an xl checkpoint and a language-modelling task, not "
+            f"'{model_cfg.arch}' on '{task}' ({cfg.ckpt})")
+    layers_ok = all(0 <= i < model_cfg.n_layer for i in cfg.select_layers)
+    layers_ok = layers_ok and -model_cfg.n_layer <= cfg.layer < model_cfg.n_layer  # -1: the last
+    if not layers_ok or not cfg.head < model_cfg.n_head:
+        die(f'--select_layers / --layer / --head out of range: {model_cfg.n_layer} layers, '
+            f'{model_cfg.n_head} heads')
     device = torch.device(choose_device(cfg.device))
     try:
-        corpus = data.load_corpus(task, cfg.data_dir or tc['data_dir'],
-                                  cfg.data_path or tc['data_path'])
+        corpus = data.load_corpus(task, cfg.data_dir or train_fields['data_dir'],
+                                  cfg.data_path or train_fields['data_path'])
         for b in settings:                       # the test split must fill batch_size streams
             data.Stream(corpus.test, b.batch_size, b.seg_len)
     except data.DataError as e:
         die(str(e))
-    model = MemTransformer(ModelConfig(**mc)).to(device).eval()
+    model = MemTransformer(model_cfg).to(device).eval()
     load_weights(model, ckpt, cfg.ckpt)
     if cfg.show:
         return show(model, corpus, cfg, device)
