@@ -73,7 +73,8 @@ class ModelConfig:
 # checked above); the same table form serves TrainConfig (train.py) and trams.py
 MODEL_LIMITS = dict(arch=ARCHS, vocab_size='>= 1', n_layer='>= 1', n_head='>= 1',
                     d_model='>= 1', d_head='>= 1', d_inner='>= 1', dropout='[0, 1)',
-                    dropatt='[0, 1)', seg_len='>= 1', bptt_depth='>= -1', aux_mem_loss='>= 0')
+                    dropatt='[0, 1)', seg_len='>= 1', bptt_depth='>= -1', clamp_len='>= 0',
+                    aux_mem_loss='>= 0')
 
 
 def check_limits(cfg, limits):

@@ -5,6 +5,7 @@ import dataclasses
 import fcntl
 import http.client
 import io
+import json
 import os
 import re
 import subprocess
@@ -551,8 +552,8 @@ def test_sample_mode_text_test_examples_and_bad_values():
     """--mode sample: a text checkpoint continues the prompt (the same seed gives the same text,
     another seed other text, temperature 0 is greedy and repeatable); an algorithmic one shows
     three test examples; bad values end in one line, exit 2."""
-    small = ('--n_layer 1 --d_model 32 --d_head 16 --d_inner 64 --seg_len 16 --mem_len 16 '
-             '--n_mem_tokens 2 --batch_size 4 --max_iters 2 --log_interval 1').split()
+    small = ('--n_layer 1 --d_model 32 --d_head 16 --d_inner 64 --seg_len 16 --n_mem_tokens 2 '
+             '--batch_size 4 --max_iters 2 --log_interval 1').split()
     with tempfile.TemporaryDirectory() as d:
         _put(f'{d}/t.txt', open(os.path.join(HERE, 'README.md'), 'rb').read() * 2)
         code, _, err = train_main('--task', 'text', '--data_path', f'{d}/t.txt', '--arch', 'rmt',
@@ -573,7 +574,8 @@ def test_sample_mode_text_test_examples_and_bad_values():
         assert out.count('of 48 right') == 3 and '|' in out, out     # copy: 2 x 24 symbols
         for ckpt, args in (('lm', '--temperature -1'), ('lm', '--top_k -2'),
                            ('lm', '--sample_len 0'), ('lm', '--prompt='), ('copy', '--prompt ab'),
-                           ('copy', '--sample_len 5'), ('lm', '--temperature nan')):
+                           ('copy', '--sample_len 5'), ('lm', '--temperature nan'),
+                           ('lm', '--lr 0.1'), ('copy', '--max_iters 9')):
             code, out, err = train_main('--mode', 'sample', '--init_from', f'{d}/{ckpt}/ckpt.pt',
                                         *args.split())
             assert code == 2 and len(err.strip().splitlines()) == 1, (args, err)
@@ -607,7 +609,8 @@ def test_uniform_model_has_8_bpc_and_eval_reports_protocol():
         m = MemTransformer(cfg)
         torch.nn.init.zeros_(m.tok_emb.weight)         # every logit 0: uniform over 256 bytes
         tc = train.TrainConfig(task='text', data_path=f'{d}/corpus.txt', batch_size=4)
-        torch.save(dict(model=m.state_dict(), model_cfg=vars(cfg), train_cfg=vars(tc)), f'{d}/u.pt')
+        ckpt = dict(model=m.state_dict(), model_cfg=vars(cfg), train_cfg=vars(tc))
+        torch.save(dict(ckpt, digest=train.digest(ckpt)), f'{d}/u.pt')
         r = run('train.py', '--mode', 'eval', '--init_from', f'{d}/u.pt', '--mem_len', '48',
                 '--eval_tokens', '640')
         assert r.returncode == 0, r.stderr
@@ -628,12 +631,12 @@ def test_grad_accum_splits_streams_each_chunk_keeps_its_memory():
     micro-step's rows with their own memory in time order; the same losses, weights, evaluation."""
     with tempfile.TemporaryDirectory() as d:
         _put(f'{d}/t.txt', open(os.path.join(HERE, 'train.py'), 'rb').read() * 4)
-        for arch in ('xl', 'rmt'):
+        for arch, memory_flag in (('xl', '--mem_len 8'), ('rmt', '--n_mem_tokens 2')):
             runs = []
             for batch, accum in ((6, 1), (2, 3)):
                 code, out, err = train_main(
                     *f'--task text --data_path {d}/t.txt --arch {arch} --n_layer 2 --d_model 32 '
-                    '--d_head 16 --d_inner 64 --seg_len 8 --mem_len 8 --n_mem_tokens 2 '
+                    f'--d_head 16 --d_inner 64 --seg_len 8 {memory_flag} '
                     '--bptt_depth 1 --dropout 0 --dtype float32 --max_iters 4 --log_interval 1 '
                     f'--eval_interval 4 --eval_tokens 300 --batch_size {batch} '
                     f'--grad_accum {accum} --out_dir {d}/{arch}{accum}'.split())
@@ -754,8 +757,9 @@ def test_trams_command_table_and_bad_input():
     with tempfile.TemporaryDirectory() as d:
         _put(f'{d}/text', bytes(np.random.default_rng(0).integers(97, 123, 2000, dtype=np.uint8)))
         for m in (tiny('xl', vocab_size=256), tiny('rmt', vocab_size=256)):
-            torch.save(dict(model=m.state_dict(), model_cfg=vars(m.cfg), train_cfg=dict(
-                task='text', data_dir='', data_path=f'{d}/text')), f'{d}/{m.cfg.arch}.pt')
+            ckpt = dict(model=m.state_dict(), model_cfg=vars(m.cfg), train_cfg=dict(
+                task='text', data_dir='', data_path=f'{d}/text'))
+            torch.save(dict(ckpt, digest=train.digest(ckpt)), f'{d}/{m.cfg.arch}.pt')
         flags = '--mem_len 12 --select_recent 4 --select_topk 4 --seg_len 4 --batch_size 2'.split()
         code, out, err = cli(f'{d}/xl.pt', *flags)
         assert code == 0 and [ln.split('|')[1].strip() for ln in out.splitlines()[3:]] == [
@@ -785,7 +789,7 @@ def test_bad_input_exits_2_with_one_line():
         os.link(f'{d}/xl.pt', f'{d}/r/ckpt.pt')                          # no training state
         text = f'--task text --data_path {d}/big.txt'
         for args in (f'--task text --data_path {d}/empty.txt', '--arch rmt --n_mem_tokens 0',
-                     f'{text} --seg_len 100000 --mem_len 100000 --batch_size 1',  # 2.6 TB
+                     f'{text} --arch xl --seg_len 100000 --mem_len 100000 --batch_size 1',  # 2.6 TB
                      f'{text} --batch_size 100000', f'{text} --mode sample',
                      '--task enwik8 --data_dir /proc/x', '--out_dir /proc/x', '--task imagenet',
                      f'--resume --out_dir {d}/r', f'--resume --init_from {d}/xl.pt',
@@ -797,7 +801,8 @@ def test_bad_input_exits_2_with_one_line():
                      '--grad_clip -1', '--dropatt nan', '--device CPU', '--task nope', '--nope 1',
                      '--seg_len 0', '--seq_len 0', '--arch gpt', '--lr fast', '--lr nan',
                      '--seed -1', '--d_model 63', '--aux_mem_loss -1', '--vocab_size 5',
-                     '--mode eval'):
+                     '--mode eval', '--arch xl --n_mem_tokens 5', '--arch mt --mem_len 50',
+                     '--clamp_len -5', '--prompt hi', '--arch baseline --mem_len 4'):
             # another exception fails the test; a case's own --out_dir wins over this one
             code, out, err = train_main('--out_dir', f'{d}/o', *args.split())
             assert code == 2 and len(err.strip().splitlines()) == 1, (args, code, err)
@@ -822,20 +827,38 @@ def test_help_lists_every_flag_with_its_meaning_and_the_presets():
         ln.split()[0] for ln in out.splitlines() if ln.startswith('  --')}
 
 
-def test_log_speed_counts_the_steps_since_the_last_line_without_validation():
+def test_log_speed_counts_the_steps_since_the_last_line_and_metrics_file_resumes():
+    """A step line's speed covers exactly the steps since the previous one, validation left out;
+    each line is also a JSON line of out_dir/metrics.jsonl, which a resumed run cuts back to
+    its checkpoint's step (a torn last line dropped) and a new run starts anew."""
     clock = iter([100.0, 103.0, 103.0, 110.0, 110.0])  # start; a line (and restart) 3 s later, 7 s
     env = train.Env('cpu', 0, 1, False, torch.float32, None, None, True, False)
-    with _patch(train.time, time=lambda: next(clock)):
-        meter = train.Meter(tiny('xl'), env)
-        for _ in range(3):
-            meter.count(50, 60)
-        first = meter.line()                     # 3 s over 3 steps
-        meter.count(50, 60)
-        meter.exclude(4.0)                       # a validation and checkpoint took 4 of the 7 s
-        meter.count(50, 60)
-        second = meter.line()                    # 3 s over 2 steps
-    assert first.startswith('1000 ms/step | 50 tok/s'), first
-    assert second.startswith('1500 ms/step | 33 tok/s'), second
+    one = torch.tensor(1.0)
+    with tempfile.TemporaryDirectory() as d, _patch(train.time, time=lambda: next(clock)):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            log = train.Log(tiny('xl'), env, d, 0)
+            for _ in range(3):
+                log.count(50, 60)
+            log.step(3, one, one, 1e-3)                  # 3 s over 3 steps
+            log.count(50, 60)
+            log.exclude(4.0)                             # a validation took 4 of the next 7 s
+            log.result('val step 4', dict(loss=0.5), 4, 4.0)
+            log.count(50, 60)
+            log.step(5, one, one, 1e-3)                  # 3 s over 2 steps
+        first, second = [ln for ln in out.getvalue().splitlines() if ln.startswith('step')]
+        assert ' | 1000 ms/step | 50 tok/s | ' in first and 'peak' in first, first
+        assert ' | 1500 ms/step | 33 tok/s | ' in second, second
+        path = f'{d}/metrics.jsonl'
+        recs = [json.loads(ln) for ln in open(path)]
+        assert [(r['kind'], r['step']) for r in recs] == [('train', 3), ('val', 4), ('train', 5)]
+        assert recs[2]['ms_per_step'] == 1500 and recs[1]['loss'] == 0.5, recs
+        with open(path, 'a') as f:
+            f.write('{"kind": "train", "st')                # a kill in mid-write
+        train.keep_metrics(path, 4)                     # resumed from step 4
+        assert [json.loads(ln)['step'] for ln in open(path)] == [3, 4]
+        train.keep_metrics(path, 0)                     # --resume false
+        assert open(path).read() == ''
 
 
 def test_preset_choice_quick_default_on_every_device():
@@ -878,6 +901,8 @@ def test_sigkill_sigterm_resume_exactly_and_nonfinite_stop():
         assert step < 12 and set(b) == {f'step {s}' for s in range(step + 1, 13)}, res.stderr
         assert all(a[k] == b[k] for k in b), (a, b)     # memory, RNG, stream position restored
         assert not os.path.exists(f'{d}/b/ckpt.pt.tmp99')
+        recs = [json.loads(ln) for ln in open(f'{d}/b/metrics.jsonl')]   # each step once
+        assert [r['step'] for r in recs if r['kind'] == 'train'] == list(range(1, 13)), recs
         code, out, err = train_main(*flags('--max_iters', '12', '--out_dir', f'{d}/a'))  # again
         assert code == 0 and f'resuming {d}/a/ckpt.pt at step 12 of 12' in out, err
         assert out.splitlines()[-1] == full.stdout.splitlines()[-1] and 'test:' in out
@@ -919,6 +944,58 @@ def test_sigkill_sigterm_resume_exactly_and_nonfinite_stop():
         out = p.communicate(timeout=60)[0]
         assert p.returncode == 128 + 15 and 'stopped by a signal' in out, out
         assert torch.load(f'{d}/c/ckpt.pt', weights_only=True)['step'] >= 1
+
+
+def test_checkpoint_digest_finds_a_changed_byte_nonfinite_and_malformed_entries():
+    """A byte changed in a weight, in an optimizer moment or in the digest, NaN weights and
+    malformed entries each end in one line naming the file (exit 2) on every load: resume,
+    --init_from, --mode eval and trams.py; a checkpoint without a digest loads with a note."""
+    with tempfile.TemporaryDirectory() as d:
+        _put(f'{d}/t.txt', open(os.path.join(HERE, 'README.md'), 'rb').read())
+        lm = ['--task', 'text', '--data_path', f'{d}/t.txt', '--arch', 'xl', '--n_layer', '1',
+              '--d_model', '32', '--d_head', '16', '--d_inner', '64', '--seg_len', '16',
+              '--mem_len', '16', '--batch_size', '4', '--max_iters', '2', '--eval_tokens', '64']
+        code, _, err = train_main(*lm, '--out_dir', f'{d}/a')
+        assert code == 0, err
+        good = torch.load(f'{d}/a/ckpt.pt', weights_only=True)
+        assert good['digest'] == train.digest({k: v for k, v in good.items() if k != 'digest'})
+        raw = open(f'{d}/a/ckpt.pt', 'rb').read()
+        weight = good['model']['blocks.0.attn.q.weight'].numpy().tobytes()
+        at = raw.index(weight) + len(weight) // 2              # a byte inside that weight
+        _put(f'{d}/flip.pt', raw[:at] + bytes([raw[at] ^ 0x10]) + raw[at + 1:])
+
+        def changed(name, edit):                               # a copy of good, edited
+            ckpt = {k: v for k, v in torch.load(f'{d}/a/ckpt.pt', weights_only=True).items()}
+            edit(ckpt)
+            torch.save(ckpt, f'{d}/{name}.pt')
+        changed('moment', lambda c: c['optimizer']['state'][0]['exp_avg'].view(-1)[0].add_(1e-3))
+        changed('digest', lambda c: c.__setitem__('digest', c['digest'][:-1] + 'x'))
+
+        def redigest(c):                                       # a valid digest of what c holds
+            c['digest'] = train.digest({k: v for k, v in c.items() if k != 'digest'})
+        changed('nan', lambda c: (c['model']['u'].fill_(float('nan')), redigest(c)))
+        changed('cfg', lambda c: (c.__setitem__('model_cfg', [1]), redigest(c)))
+        changed('model', lambda c: (c.__setitem__('model', 3), redigest(c)))
+        changed('old', lambda c: c.pop('digest'))
+        for name in ('flip', 'moment', 'digest', 'nan', 'cfg', 'model'):
+            for args in (['--init_from', f'{d}/{name}.pt', '--max_iters', '3'],
+                         ['--mode', 'eval', '--init_from', f'{d}/{name}.pt']):
+                code, out, err = train_main(*args, '--out_dir', f'{d}/o')
+                assert code == 2 and len(err.strip().splitlines()) == 1, (name, args, err)
+                assert f'{d}/{name}.pt' in err and 'Traceback' not in err, (name, err)
+            code, out, err = train_main(f'{d}/{name}.pt', main=trams.main)
+            assert code == 2 and f'{d}/{name}.pt' in err, (name, err)
+        os.replace(f'{d}/moment.pt', f'{d}/a/ckpt.pt')           # resume: names best.pt
+        code, out, err = train_main(*lm, '--resume', '--max_iters', '4', '--out_dir', f'{d}/a')
+        assert code == 2 and 'damaged' in err and f'{d}/a/best.pt' in err, err
+        code, out, err = train_main('--mode', 'eval', '--init_from', f'{d}/old.pt')
+        assert code == 0 and 'no digest' in out and 'test:' in out, err
+        _put(f'{d}/t.txt', open(f'{d}/t.txt', 'rb').read()[::-1])      # the data change
+        code, out, err = train_main('--mode', 'eval', '--init_from', f'{d}/a/best.pt')
+        assert code == 2 and 'changed since' in err and len(err.splitlines()) == 1, err
+        code, out, err = train_main('--mode', 'eval', '--init_from', f'{d}/a/best.pt',
+                                    '--data_path', f'{d}/t.txt')      # chosen: evaluated as is
+        assert code == 0 and 'test:' in out, err
 
 
 # ----------------------------------------------------------------------------- GPU

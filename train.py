@@ -10,10 +10,13 @@ sits the machinery that a learner may skip: flags and validation, device and DDP
 checks, checkpoints, resume, the out_dir lock, rank agreement, signals and exit.
 """
 import fcntl
+import hashlib
 import inspect
+import json
 import math
 import os
 import re
+import resource
 import signal
 import sys
 import textwrap
@@ -177,7 +180,7 @@ def train_step(ddp_model, optimizer, states, batch, train_cfg, env):
 
 # ----------------------------------------------------------------------------- evaluation
 def evaluate(model, split, dataset, train_cfg, env):
-    """-> (loss, a line of metrics): algorithmic tasks teacher-forced and free-running accuracy,
+    """-> {'loss': .., metric: ..}: algorithmic tasks teacher-forced and free-running accuracy,
     exact match; LM bpc (or perplexity for wt103), every scored token summed over the ranks."""
     model.eval()
     with torch.no_grad(), env.autocast:          # one autocast region: weights cast once
@@ -206,9 +209,12 @@ def evaluate(model, split, dataset, train_cfg, env):
             else:
                 res['bpc'] = nll / n / math.log(2)
     model.train()
-    line = ' | '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
+    return res
+
+
+def format_metrics(res):  # 'loss 1.2345 | acc_tf 0.9000 | n 1000'
+    return ' | '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
                       for k, v in res.items())
-    return res['loss'], line
 
 
 def stream_nll(model, stream, seg_len, max_tokens, device):
@@ -264,9 +270,10 @@ def main(argv):
     env = setup(train_cfg)
     agree_on_start(ckpt['step'] if resuming else 0, env)
     if train_cfg.mode == 'train':
-        env.print(f'preset {train_cfg.preset} ({why})')
+        env.print(f'preset {train_cfg.preset} ({why}) | {describe(env)}')
         lock = claim_out_dir(train_cfg.out_dir, env)  # held until this process ends
     dataset = load_data(train_cfg, model_cfg, env)
+    check_same_data(ckpt, path, dataset, train_cfg, given)
     check_fits(model_cfg, train_cfg, dataset, env)
     model = MemTransformer(model_cfg).to(env.device)
     optimizer, scheduler = make_optimizer(model, train_cfg, env)
@@ -288,34 +295,33 @@ def main(argv):
               f'world {env.world} | device {env.device}')
     to_save = (run_flags(given, ckpt, resuming), model, optimizer, scheduler, model_cfg,
                train_cfg, dataset, env)          # what a checkpoint holds besides the loop's state
-    signals, skipped, meter = catch_signals(), 0, Meter(model, env)
+    signals, skipped, log = catch_signals(), 0, Log(model, env, train_cfg.out_dir, start)
     for step in range(start + 1, train_cfg.max_iters + 1):
         x, y, w, n_tokens = get_batch(dataset, step - 1, env)
         loss, gnorm, finite = train_step(ddp_model, optimizer, states, (x, y, w), train_cfg, env)
-        meter.count(n_tokens, x.numel())
+        log.count(n_tokens, x.numel())
         if not finite:       # no update was made: skip the step, or stop with one line
             skipped = count_nonfinite(step, skipped, train_cfg, env)
             states = [None] * train_cfg.grad_accum       # that step's memory is not finite
             continue
         if train_cfg.schedule == 'cosine':
             scheduler.step()
-        if step % train_cfg.log_interval == 0 and env.master:
-            print(f'step {step} | loss {loss.item():.4f} | lr {optimizer.param_groups[0]["lr"]:.2e}'
-                  f' | gnorm {gnorm.item():.2f} | {meter.line()}', flush=True)
+        if step % train_cfg.log_interval == 0 or step == train_cfg.max_iters:
+            log.step(step, loss, gnorm, optimizer.param_groups[0]['lr'])
         if step % train_cfg.eval_interval == 0 or step == train_cfg.max_iters:
             t_val = time.time()
-            val_loss, metrics = evaluate(model, 'val', dataset, train_cfg, env)
+            val = evaluate(model, 'val', dataset, train_cfg, env)
             if train_cfg.schedule == 'plateau':
-                scheduler.step(val_loss)
-            env.print(f'val step {step}: {metrics} | {time.time() - t_val:.1f} s', flush=True)
-            if val_loss < best_val:
-                best_val = val_loss
+                scheduler.step(val['loss'])
+            log.result(f'val step {step}', val, step, time.time() - t_val)
+            if val['loss'] < best_val:
+                best_val = val['loss']
                 save_checkpoint('best.pt', step, best_val, states, *to_save)
             save_checkpoint('ckpt.pt', step, best_val, states, *to_save)
-            meter.exclude(time.time() - t_val)   # the speed is the training steps' alone
+            log.exclude(time.time() - t_val)     # the speed is the training steps' alone
         stop_on_signal(signals, step, best_val, states, to_save)
     catch_signals(stop_final_test)               # a signal now ends the run: all is saved
-    env.print(f"test: {evaluate(model, 'test', dataset, train_cfg, env)[1]}")
+    log.result('test', evaluate(model, 'test', dataset, train_cfg, env), train_cfg.max_iters)
 
 
 # =============================================================================================
@@ -454,10 +460,32 @@ def make_configs(given, ckpt=None, path='', resuming=False):
     return model_cfg, train_cfg, why
 
 
+# flags that only one mode reads: given in another, they would be ignored, so they are refused
+TRAINING_ONLY = ('lr', 'schedule', 'warmup_iters', 'grad_clip', 'max_iters', 'eval_interval',
+                 'log_interval', 'grad_accum', 'skip_nonfinite', 'aux_mem_loss', 'bptt_depth',
+                 'grad_checkpoint', 'dropout', 'dropatt')
+SAMPLING_ONLY = ('prompt', 'sample_len', 'temperature', 'top_k')
+
+
 def check_together(model_cfg, train_cfg, given):
-    """The rules that tie fields of both configs (or the flags given) together."""
+    """The rules that tie fields of both configs, or the flags given, together. A flag given on
+    the command line that this arch or mode ignores is refused (a preset's values never are)."""
     if train_cfg.task in data.LM_TASKS and model_cfg.bptt_depth < 0:
         raise ValueError('LM streams need --bptt_depth >= 0 (segments per step - 1)')
+    arch = model_cfg.arch
+    if 'mem_len' in given and arch not in ('xl', 'xl_rmt'):
+        raise ValueError(f'--mem_len sets the XL cache, which --arch {arch} does not have: drop '
+                         'it (or use --arch xl or xl_rmt)')
+    if 'n_mem_tokens' in given and arch in ('baseline', 'xl'):
+        raise ValueError(f'--n_mem_tokens sets memory tokens, which --arch {arch} does not have: '
+                         'drop it (or use --arch mt, rmt or xl_rmt)')
+    ignored = [k for k in given if k in TRAINING_ONLY]
+    if train_cfg.mode == 'train':
+        ignored = [k for k in given if k in SAMPLING_ONLY]
+    elif train_cfg.mode == 'eval':
+        ignored += [k for k in given if k in SAMPLING_ONLY]
+    if ignored:
+        raise ValueError(f'--{ignored[0]} does nothing in --mode {train_cfg.mode}: drop it')
     if train_cfg.task in data.ALGO_TASKS and {'prompt', 'sample_len'} & given.keys():
         raise ValueError('--prompt and --sample_len are for language-modelling tasks; --mode '
                          'sample on an algorithmic task shows test examples: drop them')
@@ -540,6 +568,25 @@ def wrap(model, model_cfg, train_cfg, dataset, env):
                find_unused_parameters=model_cfg.n_mem_tokens > 0 and dataset.spec is None)
 
 
+def describe(env):
+    """torch's version, the device (GPU or CPU model), threads and autocast dtype: what makes runs
+    on different machines comparable."""
+    name = 'CPU'
+    if env.cuda:
+        name = torch.cuda.get_device_name(env.device)
+    elif os.path.exists('/proc/cpuinfo'):
+        models = re.findall(r'model name\s*:\s*(.*)', open('/proc/cpuinfo').read())
+        name = models[0].strip() if models else name
+    return (f'torch {torch.__version__} | {env.device} {name} | {torch.get_num_threads()} threads'
+            f' | {str(env.dtype).removeprefix("torch.")}')
+
+
+def peak_memory(device):  # MB: the CUDA allocator's peak, or the process's resident high-water mark
+    if str(device).startswith('cuda'):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def reduce(vals, env):  # sum over ranks: sums, never means of means
     t = torch.tensor(vals, dtype=torch.float64, device=env.device)
     if env.ddp:
@@ -553,30 +600,75 @@ def to_device(t, env):  # pinned on CUDA: the copy overlaps compute
     return t.to(env.device, non_blocking=True)
 
 
-class Meter:
-    """The speed in a log line: trained tokens, model FLOPs and wall time of exactly the steps
-    since the previous line; time spent validating and writing checkpoints is left out."""
+class Log:
+    """What a training run reports: on rank 0, a line per --log_interval steps, per validation
+    and for the test, each also appended as one JSON object to out_dir/metrics.jsonl (plot it
+    with anything). A step line's speed covers exactly the steps since the previous step line;
+    time spent validating and writing checkpoints is left out (exclude)."""
 
-    def __init__(self, model, env):
-        self.model, self.env = model, env
+    def __init__(self, model, env, out_dir, start):
+        self.model, self.env, self.path = model, env, None
+        if env.master:
+            self.path = os.path.join(out_dir, 'metrics.jsonl')
+            keep_metrics(self.path, start)
         self.restart()
 
     def restart(self):
         self.t0, self.steps, self.tokens, self.seen = time.time(), 0, 0, 0
 
-    def count(self, tokens, seen):  # one step: tokens trained (scored), tokens seen (MFU)
+    def count(self, tokens, seen):  # one step: tokens trained (scored), tokens seen (for MFU)
         self.steps, self.tokens, self.seen = self.steps + 1, self.tokens + tokens, self.seen + seen
 
     def exclude(self, seconds):
         self.t0 += seconds
 
-    def line(self):  # -> 'ms/step | tok/s over all ranks | model FLOP/s (MFU)'; starts anew
+    def step(self, step, loss, gnorm, lr):
+        """The step line: loss, lr, grad norm, ms/step, tokens/s over all ranks, model FLOP/s
+        (MFU on a known GPU), peak memory; then the count starts anew."""
         dt = max(time.time() - self.t0, 1e-9)
-        text = (f'{1000 * dt / max(self.steps, 1):.0f} ms/step | '
-                f'{self.tokens * self.env.world / dt:.0f} tok/s | '
-                f'{self.model.mfu(self.seen / dt, True, self.env.dtype)}')
+        if self.env.master:
+            speed = dict(ms_per_step=1000 * dt / max(self.steps, 1),
+                         tok_per_s=self.tokens * self.env.world / dt,
+                         tflop_per_s=self.model.flops_per_token(True) * self.seen / dt / 1e12,
+                         peak_mb=peak_memory(self.env.device))
+            rec = dict(step=step, loss=loss.item(), lr=lr, gnorm=gnorm.item(), **speed)
+            print(f"step {step} | loss {rec['loss']:.4f} | lr {lr:.2e} | gnorm {rec['gnorm']:.2f}"
+                  f" | {speed['ms_per_step']:.0f} ms/step | {speed['tok_per_s']:.0f} tok/s | "
+                  f"{self.model.mfu(self.seen / dt, True, self.env.dtype)} | "
+                  f"peak {speed['peak_mb']:.0f} MB", flush=True)
+            self.write(dict(kind='train', **rec))
         self.restart()
-        return text
+
+    def result(self, title, res, step, seconds=None):
+        """A validation line ('val step N: ..., seconds') or the test line ('test: ...')."""
+        line = f'{title}: {format_metrics(res)}'
+        if seconds is not None:
+            line += f' | {seconds:.1f} s'
+        self.env.print(line, flush=True)
+        self.write(dict(kind=title.split()[0], step=step, **res, seconds=seconds))
+
+    def write(self, rec):
+        if self.path is not None:
+            with open(self.path, 'a') as f:
+                f.write(json.dumps(rec) + '\n')
+
+
+def keep_metrics(path, start):
+    """Before a run appends to metrics.jsonl: a new run (start 0) starts it anew; a resumed one
+    keeps the lines up to its checkpoint's step, dropping later ones and a torn last line, so
+    that no step appears twice. Rewritten atomically."""
+    kept = []
+    if start and os.path.exists(path):
+        for line in open(path).read().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:                   # torn by a kill in mid-write
+                continue
+            if isinstance(rec, dict) and rec.get('step', 0) <= start:
+                kept.append(line + '\n')
+    with open(f'{path}.tmp', 'w') as f:
+        f.writelines(kept)
+    os.replace(f'{path}.tmp', path)
 
 
 # ----------------------------------------------------------------------------- data checks
@@ -607,6 +699,19 @@ def load_data(train_cfg, model_cfg, env):
         except data.DataError as e:
             die(f'--prompt: {e}')
     return dataset
+
+
+def check_same_data(ckpt, path, dataset, train_cfg, given):
+    """--mode eval or sample reads the data the checkpoint was trained on (a resumed run checks
+    them in restore): refuse data whose digest changed since, unless a flag chose other data."""
+    chose = {'data_path', 'data_dir', 'seed', 'seq_len', 'task'} & given.keys()
+    if train_cfg.mode == 'train' or ckpt is None or 'data' not in ckpt or chose:
+        return
+    changed = [s for s, c in dataset.checksums.items() if ckpt['data'].get(s, c) != c]
+    if changed:
+        die(f"the {train_cfg.task} data ({train_cfg.data_path or train_cfg.data_dir}) changed "
+            f"since {path} was trained on them ({', '.join(changed)} split digests differ): "
+            'restore them, or give --data_path (or --data_dir) to use the data as they are now')
 
 
 def check_fits(model_cfg, train_cfg, dataset, env):
@@ -653,7 +758,9 @@ RESUMABLE = ('mode', 'lr', 'warmup_iters', 'grad_clip', 'max_iters', 'eval_inter
 
 
 def load_checkpoint(path, resume=False):
-    """The checkpoint dict at path (on the CPU); resume: it must hold a whole training state."""
+    """The checkpoint dict at path (on the CPU), checked before anything heavy: its digest (a
+    checkpoint without one, from before digests, loads with a note), its entries, finite weights;
+    resume: it must hold a whole training state. Each problem ends in one line naming the file."""
     if not os.path.isfile(path):
         if resume:
             die(f'no checkpoint to resume at {path}: start without --resume or fix --out_dir')
@@ -664,12 +771,63 @@ def load_checkpoint(path, resume=False):
         die(f'{path} is not a readable checkpoint ({type(e).__name__}): use another file')
     if not isinstance(ckpt, dict) or not {'model', 'model_cfg', 'train_cfg'} <= ckpt.keys():
         die(f'{path} is not a checkpoint of this codebase: use another file')
+    stored = ckpt.pop('digest', None)
+    if stored is not None and stored != digest(ckpt):
+        die(f'{path} is damaged: its contents do not match the digest written with them; '
+            f'{other_copy(path)}')
+    for key in ('model', 'model_cfg', 'train_cfg'):
+        if not isinstance(ckpt[key], dict):
+            die(f"{path} is malformed: '{key}' is a {type(ckpt[key]).__name__}, not a dict: "
+                'use another checkpoint')
+    bad = [k for k, v in ckpt['model'].items()
+           if not torch.is_tensor(v) or (v.is_floating_point() and not v.isfinite().all())]
+    if bad:
+        die(f'{path} holds non-finite or malformed weights ({bad[0]}, {len(bad)} in all): '
+            f'{other_copy(path)}')
     lacks = {'optimizer', 'scheduler', 'step', 'best_val', 'ranks', 'data', 'loader'} - ckpt.keys()
     if resume and lacks:
         die(f"{path} holds no complete training state (no "
             f"{', '.join(sorted(lacks))}): start a new run with --resume false "
             'or another --out_dir')
+    if stored is None:
+        print(f'note: {path} holds no digest (written before digests): loaded unverified')
     return ckpt
+
+
+def digest(obj):
+    """SHA-256 of everything a checkpoint holds (tensors by dtype, shape and bytes, other values
+    by repr), in a fixed order: written with the checkpoint and checked on every load, so that a
+    changed byte anywhere (a weight, an optimizer moment, a step count) is found."""
+    h = hashlib.sha256()
+
+    def visit(x):
+        if isinstance(x, dict):
+            h.update(b'{')
+            for k in sorted(x, key=repr):
+                h.update(repr(k).encode())
+                visit(x[k])
+            h.update(b'}')
+        elif isinstance(x, (list, tuple)):
+            h.update(b'[')
+            for v in x:
+                visit(v)
+            h.update(b']')
+        elif torch.is_tensor(x):
+            h.update(f'{x.dtype}{tuple(x.shape)}'.encode())
+            h.update(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(x).encode())
+    visit(obj)
+    return h.hexdigest()
+
+
+def other_copy(path):  # the fix for a damaged checkpoint: its sibling, if it is there
+    folder, name = os.path.split(path)
+    for other in ('ckpt.pt', 'best.pt'):
+        if other != name and os.path.exists(os.path.join(folder, other)):
+            return (f'{os.path.join(folder, other)} is another copy of the run (use it as '
+                    '--init_from, or move it to ckpt.pt and resume with --resume true)')
+    return 'use another checkpoint, or start anew with --resume false'
 
 
 def load_weights(model, ckpt, path):
@@ -765,22 +923,27 @@ def save_checkpoint(name, step, best_val, states, flags, model, optimizer, sched
         return
     dest = os.path.join(train_cfg.out_dir, name)
     tmp = f'{dest}.tmp{os.getpid()}'
+    ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), model_cfg=asdict(model_cfg),
+                train_cfg=asdict(train_cfg), step=step, best_val=best_val, ranks=ranks,
+                data=dataset.checksums, loader=dataset.loaders['train'].state_dict(), flags=flags)
+    ckpt['digest'] = digest(ckpt)
     try:
         with open(tmp, 'wb') as f:
-            torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), model_cfg=asdict(model_cfg),
-                            train_cfg=asdict(train_cfg), step=step, best_val=best_val,
-                            ranks=ranks, data=dataset.checksums,
-                            loader=dataset.loaders['train'].state_dict(), flags=flags), f)
+            torch.save(ckpt, f)
             f.flush()
             os.fsync(f.fileno())
+        # read back before it replaces the previous checkpoint: that one stays until this verifies
+        written = torch.load(tmp, map_location='cpu', weights_only=True)
+        if written.pop('digest', None) != digest(written):
+            raise OSError(f'{tmp} read back differs from what was written')
         os.replace(tmp, dest)
     except (OSError, RuntimeError) as e:         # torch.save reports a full disk as RuntimeError
         if os.path.exists(tmp):
             os.remove(tmp)
-        kept = 'no checkpoint was written yet'
-        if os.path.exists(dest):
-            kept = f'{dest} holds the previous one, intact'
+        kept = 'no earlier checkpoint of this name exists'
+        if os.path.isfile(dest):
+            kept = f'the previous one in {dest} is intact (--resume true continues from it)'
         die(f'could not write {dest} ({type(e).__name__}: '
             f'{str(e).splitlines()[0][:80]}): free disk space or change --out_dir; {kept}')
 
@@ -792,8 +955,8 @@ def evaluate_checkpoint(model, dataset, train_cfg, env):
     env.print(f'eval: arch {cfg.arch} | seg_len {cfg.seg_len} | mem_len {cfg.mem_len} | '
               f'n_mem_tokens {cfg.n_mem_tokens} | clamp_len {cfg.clamp_len}')
     for split in ('val', 'test'):
-        line = evaluate(model, split, dataset, train_cfg, env)[1]   # every rank evaluates its share
-        env.print(f'{split}: {line}')
+        res = evaluate(model, split, dataset, train_cfg, env)   # every rank evaluates its share
+        env.print(f'{split}: {format_metrics(res)}')
 
 
 # ----------------------------------------------------------------------------- lock, rank agreement

@@ -5,7 +5,6 @@ with the best score. `python trams.py out/ckpt.pt`: the paper's M 400, R 150, K 
 Shapes: B batch, H heads, S segment, P pool, N = P-R candidates, n = K+R kept, D head, C d_model."""
 import itertools
 import math
-import resource
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -15,8 +14,8 @@ import torch
 import data
 import memory
 from model import MemTransformer, ModelConfig, check_limits, keep_all
-from train import (choose_device, die, load_checkpoint, load_weights, parse_flags, print_help,
-                   stream_nll)
+from train import (choose_device, die, load_checkpoint, load_weights, parse_flags, peak_memory,
+                   print_help, stream_nll)
 
 SELECTORS = ('trams', 'trams_paper', 'oracle', 'random', 'none')
 
@@ -228,10 +227,7 @@ def evaluate(model, tokens, sel, cfg, pool, device):
                             cfg.eval_tokens or None, device)
     dt, (nll, n) = time.time() - t0, blocks.sum(0).tolist()
     attach(model, None)
-    if device.type == 'cuda':
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:                                        # the whole process's peak resident set
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_memory(device)                   # on a CPU: the whole process's peak
     return nll / n, int(n), dt, float(sel.mass) / max(sel.queries, 1), peak, blocks
 
 
@@ -339,6 +335,12 @@ def main(argv):
         die(str(e))
     model = MemTransformer(model_cfg).to(device).eval()
     load_weights(model, ckpt, cfg.ckpt)
+    seen = model_cfg.mem_len + model_cfg.seg_len       # the distances training showed the model
+    if max(b.mem_len for b in settings) > seen:
+        print(f'note: a pool of {max(b.mem_len for b in settings)} states reaches distances the '
+              f'model never saw in training (its mem_len {model_cfg.mem_len} + seg_len '
+              f'{model_cfg.seg_len} = {seen}); train with a larger --mem_len to compare fairly',
+              file=sys.stderr)
     if cfg.show:
         return show(model, corpus, cfg, device)
     unit = 'ppl' if task == 'wt103' else 'bpc'
