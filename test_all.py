@@ -998,6 +998,37 @@ def test_checkpoint_digest_finds_a_changed_byte_nonfinite_and_malformed_entries(
         assert code == 0 and 'test:' in out, err
 
 
+def test_sigint_abandons_validation_and_stops_eval_and_trams_at_once_in_one_line():
+    """Ctrl-C during a training run's validation abandons it: a checkpoint of the step, exit 130;
+    during --mode eval or trams.py, the process ends at once in one line. Each signal is sent
+    when the run has printed the line that comes just before the long work."""
+    def interrupt(args, marker):  # -> (exit code, stdout, stderr) of args, SIGINT after marker
+        p = subprocess.Popen([sys.executable, *args], cwd=HERE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        seen = ''
+        while marker not in (line := p.stdout.readline()):
+            seen += line
+            assert line, (seen, p.communicate()[1])
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+        return p.returncode, seen + line + out, err
+    with tempfile.TemporaryDirectory() as d:
+        _put(f'{d}/t.txt', open(os.path.join(HERE, 'train.py'), 'rb').read() * 60)  # 3.5 MB
+        lm = ['train.py', '--task', 'text', '--data_path', f'{d}/t.txt', '--arch', 'xl',
+              '--n_layer', '1', '--d_model', '32', '--d_head', '16', '--d_inner', '64',
+              '--seg_len', '16', '--mem_len', '16', '--batch_size', '2']
+        code, out, err = interrupt([*lm, '--max_iters', '5', '--eval_interval', '1',
+                                    '--log_interval', '1', '--out_dir', f'{d}/a'], 'step 1 |')
+        assert code == 130 and 'validation abandoned' in out and 'val step' not in out, out + err
+        assert torch.load(f'{d}/a/ckpt.pt', weights_only=True)['step'] == 1
+        for args, marker in (([*lm[:1], '--mode', 'eval', '--init_from', f'{d}/a/ckpt.pt'],
+                              'eval:'),
+                             (['trams.py', f'{d}/a/ckpt.pt', '--mem_len', '32', '--select_recent',
+                               '8', '--select_topk', '8', '--seg_len', '16'], '|---|')):
+            code, out, err = interrupt(args, marker)
+            assert code == 130 and err.strip() == 'error: stopped by SIGINT', (args, out, err)
+
+
 # ----------------------------------------------------------------------------- GPU
 def device_checks(dev):
     """The device-sensitive paths on dev: its attention (SDPA on CUDA) against the CPU's plain

@@ -9,6 +9,11 @@ step, evaluation, generation, then `main` with the training loop. Below the bann
 sits the machinery that a learner may skip: flags and validation, device and DDP set-up, data
 checks, checkpoints, resume, the out_dir lock, rank agreement, signals and exit.
 """
+import signal
+
+if __name__ == '__main__':   # a signal while torch loads below: the default, an end at once
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # (exit 128 + the signal, no traceback)
+
 import fcntl
 import hashlib
 import inspect
@@ -17,11 +22,10 @@ import math
 import os
 import re
 import resource
-import signal
 import sys
 import textwrap
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -295,7 +299,7 @@ def main(argv):
               f'world {env.world} | device {env.device}')
     to_save = (run_flags(given, ckpt, resuming), model, optimizer, scheduler, model_cfg,
                train_cfg, dataset, env)          # what a checkpoint holds besides the loop's state
-    signals, skipped, log = catch_signals(), 0, Log(model, env, train_cfg.out_dir, start)
+    signals, skipped, log = Signals(env), 0, Log(model, env, train_cfg.out_dir, start)
     for step in range(start + 1, train_cfg.max_iters + 1):
         x, y, w, n_tokens = get_batch(dataset, step - 1, env)
         loss, gnorm, finite = train_step(ddp_model, optimizer, states, (x, y, w), train_cfg, env)
@@ -310,7 +314,8 @@ def main(argv):
             log.step(step, loss, gnorm, optimizer.param_groups[0]['lr'])
         if step % train_cfg.eval_interval == 0 or step == train_cfg.max_iters:
             t_val = time.time()
-            val = evaluate(model, 'val', dataset, train_cfg, env)
+            with signals.abandoning(step, best_val, states, to_save):   # Ctrl-C: stop at once
+                val = evaluate(model, 'val', dataset, train_cfg, env)
             if train_cfg.schedule == 'plateau':
                 scheduler.step(val['loss'])
             log.result(f'val step {step}', val, step, time.time() - t_val)
@@ -1013,16 +1018,40 @@ def count_nonfinite(step, skipped, train_cfg, env):
 
 
 # ----------------------------------------------------------------------------- signals, exit
-def catch_signals(handler=None):
-    """Route SIGINT (Ctrl-C) and SIGTERM to handler; by default record them in the returned list,
-    which the training loop reads after each step (stop_on_signal)."""
-    signals = []
+def catch_signals(handler):  # route SIGINT (Ctrl-C) and SIGTERM to handler
     for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, handler or (lambda signum, frame: signals.append(signum)))
-    return signals
+        signal.signal(s, handler)
 
 
-def stop_on_signal(signals, step, best_val, states, to_save):
+class Signals(list):
+    """SIGINT and SIGTERM during training, recorded: the loop stops after the current step and
+    its checkpoint (stop_on_signal). A validation, which may take minutes on a whole split, is
+    abandoned at once instead of finished (`abandoning`), in one process; under torchrun the
+    ranks finish it, since their collectives must stay in step."""
+
+    def __init__(self, env):
+        super().__init__()
+        self.env, self.validating = env, False
+        catch_signals(self.record)
+
+    def record(self, signum, frame):
+        self.append(signum)
+        if self.validating:
+            raise KeyboardInterrupt              # leave the validation where it is
+
+    @contextmanager
+    def abandoning(self, step, best_val, states, to_save):
+        """Around a validation: a signal abandons it and stops the run at step."""
+        self.validating = not self.env.ddp
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.validating = False
+            stop_on_signal(self, step, best_val, states, to_save, 'validation abandoned')
+        self.validating = False
+
+
+def stop_on_signal(signals, step, best_val, states, to_save, why='after the step'):
     """A signal on any rank: every rank stops at this step, after one checkpoint, and exits with
     128 + the signal; the same command continues the run."""
     stop = len(signals)
@@ -1031,9 +1060,17 @@ def stop_on_signal(signals, step, best_val, states, to_save):
         stop = reduce([stop], env)[0]
     if stop:
         save_checkpoint('ckpt.pt', step, best_val, states, *to_save)
-        env.print(f'stopped by a signal at step {step}: the same command continues the run',
-                  flush=True)
+        env.print(f'stopped by a signal at step {step} ({why}): the same command continues '
+                  'the run', flush=True)
         leave(128 + (signals[0] if signals else signal.SIGTERM))
+
+
+def stop_at_once(signum, frame):
+    """Ctrl-C or SIGTERM outside the training loop (start-up, data preparation, --mode eval and
+    sample, trams.py): nothing is half-written there, so the process ends at once, in one line."""
+    sys.stdout.flush()
+    print(f'error: stopped by {signal.Signals(signum).name}', file=sys.stderr, flush=True)
+    os._exit(128 + signum)
 
 
 def stop_final_test(signum, frame):
@@ -1055,6 +1092,7 @@ def leave(code):
 
 
 if __name__ == '__main__':
+    catch_signals(stop_at_once)  # until the training loop takes them over
     main(sys.argv[1:])
     if dist.is_initialized():    # every rank is done with every collective before any leaves
         dist.barrier()

@@ -3,6 +3,11 @@ The pool stays XL's FIFO of M = mem_len inputs per layer; at evaluation each lay
 row attends to [K selected | R recent | current]: the R newest pool states, plus the K older ones
 with the best score. `python trams.py out/ckpt.pt`: the paper's M 400, R 150, K 50, segment 64.
 Shapes: B batch, H heads, S segment, P pool, N = P-R candidates, n = K+R kept, D head, C d_model."""
+import signal
+
+if __name__ == '__main__':   # a signal while torch loads below: the default, an end at once
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # (exit 128 + the signal, no traceback)
+
 import itertools
 import math
 import sys
@@ -14,8 +19,8 @@ import torch
 import data
 import memory
 from model import MemTransformer, ModelConfig, check_limits, keep_all
-from train import (choose_device, die, load_checkpoint, load_weights, parse_flags, peak_memory,
-                   print_help, stream_nll)
+from train import (catch_signals, choose_device, die, load_checkpoint, load_weights, parse_flags,
+                   peak_memory, print_help, stop_at_once, stream_nll)
 
 SELECTORS = ('trams', 'trams_paper', 'oracle', 'random', 'none')
 
@@ -375,4 +380,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    catch_signals(stop_at_once)  # Ctrl-C or SIGTERM: one line, exit 128 + the signal
     main(sys.argv[1:])
