@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -859,6 +860,60 @@ def test_log_speed_counts_the_steps_since_the_last_line_and_metrics_file_resumes
         assert [json.loads(ln)['step'] for ln in open(path)] == [3, 4]
         train.keep_metrics(path, 0)                     # --resume false
         assert open(path).read() == ''
+
+
+def test_progress_lines_on_long_evaluation():
+    m, stream = tiny('xl', vocab_size=256).eval(), Stream(np.arange(2001) % 256, 2, 0)
+    lines = {}
+    for seconds in (0.0, 10.0):                  # a line per window after the first, or none
+        err = io.StringIO()
+        with _patch(train, PROGRESS_SECONDS=seconds), contextlib.redirect_stderr(err):
+            with torch.no_grad():
+                train.stream_nll(m, stream, 5, None, 'cpu', train.Progress('val', 0))
+        lines[seconds] = err.getvalue().splitlines()
+    assert len(lines[0.0]) == 199 and lines[10.0] == [], lines[0.0][:3]
+    assert re.fullmatch(r'val: 5 / 999 done, \d+ s, about \d+ s left', lines[0.0][0])
+
+
+def readme_commands():  # -> [(script, argv)] of every train.py / trams.py command in README.md
+    text = open(os.path.join(HERE, 'README.md')).read()
+    blocks = ' '.join(re.findall(r'```\n(.*?)```', text, re.S)).replace('\\\n', ' ')
+    spans = re.sub(r'```\n.*?```', '', text, flags=re.S).split('`')[1::2]   # `inline code`
+    lines = blocks.splitlines() + [s for s in spans if s.startswith(('python ', 'torchrun ', 'pip'))]
+    placeholders = {'<row>': 'copy_cpu', '<column>': 'rmt', ' P ': ' copy_cpu ', ' A ': ' rmt ',
+                    ' S': ' 1', 'S`': '1'}
+    commands = []
+    for line in lines:
+        for cmd in re.findall(r'(train|trams)\.py((?: [^#]*)?)', line):
+            script, rest = cmd
+            for k, v in placeholders.items():
+                rest = (rest + ' ').replace(k, v)
+            commands.append((script, shlex.split(rest)))
+    return commands
+
+
+def test_every_readme_command_parses():
+    """Every train.py and trams.py command the README shows gets through the flag handling and
+    the configuration checks (run on nothing: a checkpoint it names is a stand-in xl model)."""
+    commands = readme_commands()
+    assert len(commands) >= 15 and ('train', []) in commands, commands
+    stand_in = dict(model_cfg=dataclasses.asdict(ModelConfig('xl', bptt_depth=1)),
+                    train_cfg=dataclasses.asdict(train.TrainConfig(task='text')))
+    for script, argv in commands:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                if '--help' in argv:
+                    assert argv == ['--help'], argv
+                elif script == 'trams':
+                    trams.make_settings(train.parse_flags(argv, (trams.TramsConfig,), 'ckpt'))
+                else:
+                    given = train.parse_flags(argv, (ModelConfig, train.TrainConfig),
+                                              refused=train.FROM_DATA)
+                    ckpt = stand_in if 'init_from' in given else None
+                    train.make_configs(given, ckpt, given.get('init_from', ''))
+            except SystemExit:
+                raise AssertionError(f'{script}.py {" ".join(argv)}: {err.getvalue()}')
 
 
 def test_preset_choice_quick_default_on_every_device():

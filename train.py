@@ -190,8 +190,11 @@ def evaluate(model, split, dataset, train_cfg, env):
     with torch.no_grad(), env.autocast:          # one autocast region: weights cast once
         if dataset.spec is not None:
             spec, sums, size = dataset.spec, [0.0] * 8, 4 * train_cfg.batch_size
-            for x, y, w in dataset.loaders[split].eval_batches(size,
-                                                               train_cfg.eval_examples or None):
+            loader, limit = dataset.loaders[split], train_cfg.eval_examples or None
+            mine = len(loader.seqs[:limit][env.rank::env.world])      # this rank's examples
+            progress = Progress(split, mine, env.master)
+            for x, y, w in loader.eval_batches(size, limit):
+                progress.update(len(x))
                 batch = data.answer_metrics(model, x.to(env.device), y.to(env.device),
                                             w.to(env.device), spec['ans_len'], spec['score_len'])
                 sums = [a + b for a, b in zip(sums, batch)]
@@ -205,7 +208,8 @@ def evaluate(model, split, dataset, train_cfg, env):
                 res['n_none'] = int(n_none)
         else:                                    # memory carried through each rank's streams
             blocks = stream_nll(model, dataset.loaders[split], model.cfg.seg_len,
-                                train_cfg.eval_tokens or None, env.device)
+                                train_cfg.eval_tokens or None, env.device,
+                                Progress(split, 0, env.master))
             nll, n = reduce(blocks.sum(0).tolist(), env)
             res = dict(loss=nll / n, n=int(n))
             if train_cfg.task == 'wt103':
@@ -221,13 +225,19 @@ def format_metrics(res):  # 'loss 1.2345 | acc_tf 0.9000 | n 1000'
                       for k, v in res.items())
 
 
-def stream_nll(model, stream, seg_len, max_tokens, device):
+def stream_nll(model, stream, seg_len, max_tokens, device, progress=None):
     """Language-model evaluation as in Transformer-XL: a data.Stream's rows read window after
     window of seg_len tokens from the start, the memory carried across windows, every target
     scored once (up to max_tokens per rank). The caller sets the precision (autocast or not).
     -> (N, 2) float64 on the CPU, one row per (stream, window): NLL sum, tokens."""
     state, blocks = None, []
+    if progress is not None:                     # tokens per stream row to score
+        progress.total = stream.data.shape[1] - 1
+        if max_tokens is not None:
+            progress.total = min(progress.total, -(-max_tokens // stream.B))
     for x, y in stream.eval_windows(seg_len, max_tokens):
+        if progress is not None:
+            progress.update(x.size(1))
         nll, state = model(x.to(device), state, y.to(device))                     # (B, w)
         sums = nll.double().sum(1)                                                # (B,)
         blocks.append(torch.stack([sums, torch.full_like(sums, nll.size(1))], 1))  # (B, 2)
@@ -603,6 +613,28 @@ def to_device(t, env):  # pinned on CUDA: the copy overlaps compute
     if env.cuda:
         t = t.pin_memory()
     return t.to(env.device, non_blocking=True)
+
+
+PROGRESS_SECONDS = 10.0   # long work (evaluation, TRAMS rows) reports this often (tests: less)
+
+
+class Progress:
+    """On long work, a line on stderr every PROGRESS_SECONDS: what, done / total, elapsed and
+    the time left at the rate so far (quiet where active is False: ranks other than 0)."""
+
+    def __init__(self, what, total, active=True):
+        self.what, self.total, self.active, self.done = what, total, active, 0
+        self.t0 = self.last = time.time()
+
+    def update(self, more):  # called before each piece of work: reports what is done so far
+        now = time.time()
+        if self.active and now - self.last >= PROGRESS_SECONDS and self.done:
+            elapsed = now - self.t0
+            left = elapsed * (self.total - self.done) / self.done
+            print(f'{self.what}: {self.done} / {self.total} done, {elapsed:.0f} s, about '
+                  f'{left:.0f} s left', file=sys.stderr, flush=True)
+            self.last = now
+        self.done += more
 
 
 class Log:
@@ -1044,6 +1076,8 @@ class Signals(list):
         """Around a validation: a signal abandons it and stops the run at step."""
         self.validating = not self.env.ddp
         try:
+            if self and self.validating:         # a signal came as it was about to start
+                raise KeyboardInterrupt
             yield
         except KeyboardInterrupt:
             self.validating = False

@@ -20,7 +20,7 @@ import data
 import memory
 from model import MemTransformer, ModelConfig, check_limits, keep_all
 from train import (catch_signals, choose_device, die, load_checkpoint, load_weights, parse_flags,
-                   peak_memory, print_help, stop_at_once, stream_nll)
+                   peak_memory, print_help, Progress, stop_at_once, stream_nll)
 
 SELECTORS = ('trams', 'trams_paper', 'oracle', 'random', 'none')
 
@@ -214,7 +214,7 @@ TRAMS_LIMITS = dict(mem_len='>= 1', select_recent='>= 0', select_topk='>= 1', se
 SWEEPABLE = ('mem_len', 'select_topk', 'select_recent', 'seg_len')
 
 
-def evaluate(model, tokens, sel, cfg, pool, device):
+def evaluate(model, tokens, sel, cfg, pool, device, label='row'):
     """Paper protocol: contiguous streams, every target scored once, memory carried (train.py's
     stream_nll, in float32), with a pool of `pool` states. Returns (mean NLL, tokens scored,
     seconds, probability on memory, peak MB, blocks): blocks (N, 2) holds the NLL sum and the
@@ -229,7 +229,7 @@ def evaluate(model, tokens, sel, cfg, pool, device):
     t0 = time.time()
     with torch.no_grad():
         blocks = stream_nll(model, data.Stream(tokens, cfg.batch_size, cfg.seg_len), cfg.seg_len,
-                            cfg.eval_tokens or None, device)
+                            cfg.eval_tokens or None, device, Progress(label, 0))
     dt, (nll, n) = time.time() - t0, blocks.sum(0).tolist()
     attach(model, None)
     peak = peak_memory(device)                   # on a CPU: the whole process's peak
@@ -255,7 +255,7 @@ def compare(model, tokens, cfg, device, rows):
         for name, method, pool in rows:
             sel = Selection(method, cfg.select_recent, cfg.select_topk, cfg.select_true_pos,
                             cfg.select_layers, stats=rep == 0)
-            r = evaluate(model, tokens, sel, cfg, pool, device)
+            r = evaluate(model, tokens, sel, cfg, pool, device, f'{name} (pass {rep})')
             res[name] = res.get(name, r)
             times.append(r[2])
     t = torch.tensor(times).view(cfg.repeat + 1, len(rows))[1:]          # (repeat, rows) seconds
