@@ -757,10 +757,11 @@ def test_trams_command_table_and_bad_input():
         return train_main(*args, main=trams.main)
     with tempfile.TemporaryDirectory() as d:
         _put(f'{d}/text', bytes(np.random.default_rng(0).integers(97, 123, 2000, dtype=np.uint8)))
-        for m in (tiny('xl', vocab_size=256), tiny('rmt', vocab_size=256)):
+        for name, m in (('xl', tiny('xl', vocab_size=256)), ('rmt', tiny('rmt', vocab_size=256)),
+                        ('v12', tiny('xl'))):          # v12: a vocabulary of 12, not the text's
             ckpt = dict(model=m.state_dict(), model_cfg=vars(m.cfg), train_cfg=dict(
                 task='text', data_dir='', data_path=f'{d}/text'))
-            torch.save(dict(ckpt, digest=train.digest(ckpt)), f'{d}/{m.cfg.arch}.pt')
+            torch.save(dict(ckpt, digest=train.digest(ckpt)), f'{d}/{name}.pt')
         flags = '--mem_len 12 --select_recent 4 --select_topk 4 --seg_len 4 --batch_size 2'.split()
         code, out, err = cli(f'{d}/xl.pt', *flags)
         assert code == 0 and [ln.split('|')[1].strip() for ln in out.splitlines()[3:]] == [
@@ -774,7 +775,7 @@ def test_trams_command_table_and_bad_input():
         assert code == 0 and '[' in out and 'predicting' in out, err
         for args in ('rmt.pt', 'xl.pt --task copy', 'xl.pt --x', 'xl.pt --select_topk 400',
                      'xl.pt --show --layer 1000', 'xl.pt --intervals -1', 'xl.pt --device foo',
-                     'xl.pt --eval_tokens -5', 'xl.pt --batch_size 100000'):
+                     'xl.pt --eval_tokens -5', 'xl.pt --batch_size 100000', 'v12.pt'):
             code, out, err = cli(*f'{d}/{args}'.split())
             assert code == 2 and len(err.strip().splitlines()) == 1, (args, err)
 
@@ -803,7 +804,8 @@ def test_bad_input_exits_2_with_one_line():
                      '--seg_len 0', '--seq_len 0', '--arch gpt', '--lr fast', '--lr nan',
                      '--seed -1', '--d_model 63', '--aux_mem_loss -1', '--vocab_size 5',
                      '--mode eval', '--arch xl --n_mem_tokens 5', '--arch mt --mem_len 50',
-                     '--clamp_len -5', '--prompt hi', '--arch baseline --mem_len 4'):
+                     '--clamp_len -5', '--prompt hi', '--arch baseline --mem_len 4',
+                     '--d_model 100000'):
             # another exception fails the test; a case's own --out_dir wins over this one
             code, out, err = train_main('--out_dir', f'{d}/o', *args.split())
             assert code == 2 and len(err.strip().splitlines()) == 1, (args, code, err)

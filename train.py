@@ -752,27 +752,45 @@ def check_same_data(ckpt, path, dataset, train_cfg, given):
 
 
 def check_fits(model_cfg, train_cfg, dataset, env):
-    """Refuse a step that plainly cannot fit, before anything is allocated. A lower bound: per
-    layer and segment, the attention probabilities (B, H, S, K) and the FFN's hidden layer
-    (B, S, d_inner) at 4 bytes each (autograd keeps about 9 bytes per probability in bf16, 18
-    in fp32); training keeps them for every segment of a step (an LM window, or a whole example),
-    evaluation for one layer of one segment at a time."""
-    S = model_cfg.seg_len + 2 * model_cfg.n_mem_tokens        # RMT: read and write slots
-    held = model_cfg.n_layer * (model_cfg.bptt_depth + 1)     # an LM step: k+1 segments
+    """Refuse a step that plainly cannot fit, before anything is allocated. A lower bound: the
+    weights (training: with their gradients and Adam's two moments, 16 bytes each), and per layer
+    and segment, the attention probabilities (B, H, S, K), the FFN's hidden layer (B, S, d_inner)
+    and a few (B, S, d_model) activations at 4 bytes each (autograd keeps about 9 bytes per
+    probability in bf16, 18 in fp32); training keeps them for every segment of a step (an LM
+    window, or a whole example), evaluation for one layer of one segment at a time. What the
+    process may use: the machine's memory, or less where a cgroup or ulimit says so."""
+    cfg, S = model_cfg, model_cfg.seg_len + 2 * model_cfg.n_mem_tokens  # RMT: read, write slots
+    held = cfg.n_layer * (cfg.bptt_depth + 1)                 # an LM step: k+1 segments
     if dataset.spec is not None:
-        held = model_cfg.n_layer * dataset.loaders['train'].seqs.shape[1] / model_cfg.seg_len
-    if model_cfg.grad_checkpoint:                             # one segment at a time
-        held = model_cfg.n_layer
+        held = cfg.n_layer * dataset.loaders['train'].seqs.shape[1] / cfg.seg_len
+    if cfg.grad_checkpoint:                                   # one segment at a time
+        held = cfg.n_layer
+    weights = cfg.n_layer * cfg.d_model * (4 * cfg.n_head * cfg.d_head + 2 * cfg.d_inner)
+    weights, per_weight = weights + dataset.vocab_size * cfg.d_model, 16
     if train_cfg.mode != 'train':
-        held = 1
-    need = 4 * held * train_cfg.batch_size * S * (model_cfg.n_head * (model_cfg.mem_len + S)
-                                                  + model_cfg.d_inner)
-    have = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+        held, per_weight = 1, 4
+    per_query = cfg.n_head * (cfg.mem_len + S) + cfg.d_inner + 4 * cfg.d_model
+    need = 4 * held * train_cfg.batch_size * S * per_query + per_weight * weights
+    have, where = usable_memory(), 'this machine lets this process use'
     if env.cuda:
-        have = torch.cuda.get_device_properties(env.device).total_memory
+        have, where = torch.cuda.get_device_properties(env.device).total_memory, 'this GPU has'
     if need > have:
-        die(f'one step would need over {need / 2**30:.0f} GiB of activations, and this '
-            f'{env.device} has {have / 2**30:.0f} GiB: lower --batch_size, --seg_len or --mem_len')
+        die(f'one step would need over {need / 2**30:.1f} GiB for weights and activations, and '
+            f'{where} {have / 2**30:.1f} GiB: lower --batch_size, --seg_len, --mem_len or the '
+            'model size')
+
+
+def usable_memory():  # bytes: physical memory, capped by a cgroup (v2 or v1) or RLIMIT_AS limit
+    limits = [os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')]
+    for path in ('/sys/fs/cgroup/memory.max', '/sys/fs/cgroup/memory/memory.limit_in_bytes'):
+        if os.path.exists(path):
+            text = open(path).read().strip()
+            if text.isdigit():
+                limits.append(int(text))
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft)
+    return min(limits)
 
 
 # ---------------------------------------------------------------------------- checkpoints, restarts

@@ -338,6 +338,10 @@ def main(argv):
             data.Stream(corpus.test, b.batch_size, b.seg_len)
     except data.DataError as e:
         die(str(e))
+    if corpus.vocab_size != model_cfg.vocab_size:
+        die(f"the {task} data have a vocabulary of {corpus.vocab_size}, the model of {cfg.ckpt} "
+            f"{model_cfg.vocab_size}: evaluate on the data it was trained on (drop --task, "
+            '--data_path, --data_dir)')
     model = MemTransformer(model_cfg).to(device).eval()
     load_weights(model, ckpt, cfg.ckpt)
     seen = model_cfg.mem_len + model_cfg.seg_len       # the distances training showed the model
