@@ -172,6 +172,9 @@ class Examples:
     def load_state_dict(self, d):
         pass
 
+    def eval_size(self, max_examples=None):  # examples eval_batches yields on this rank
+        return len(self.seqs[:max_examples][self.rank::self.world])
+
     def eval_batches(self, batch_size, max_examples=None):
         """This rank's share (rows rank::world of the first max_examples) in order."""
         mine = self.seqs[:max_examples][self.rank::self.world]
@@ -411,6 +414,12 @@ class Stream:
 
     def load_state_dict(self, d):
         self.pos = int(d['pos'])
+
+    def eval_size(self, max_tokens=None):  # tokens eval_windows yields per stream row
+        n = self.data.shape[1] - 1
+        if max_tokens is not None:
+            n = min(n, -(-max_tokens // self.B))
+        return n
 
     def eval_windows(self, window, max_tokens=None):
         """Consecutive windows from the start (the last may be shorter) until the streams end or

@@ -871,7 +871,8 @@ def test_progress_lines_on_long_evaluation():
         err = io.StringIO()
         with _patch(train, PROGRESS_SECONDS=seconds), contextlib.redirect_stderr(err):
             with torch.no_grad():
-                train.stream_nll(m, stream, 5, None, 'cpu', train.Progress('val', 0))
+                progress = train.Progress('val', stream.eval_size())
+                train.stream_nll(m, stream, 5, None, 'cpu', progress)
         lines[seconds] = err.getvalue().splitlines()
     assert len(lines[0.0]) == 199 and lines[10.0] == [], lines[0.0][:3]
     assert re.fullmatch(r'val: 5 / 999 done, \d+ s, about \d+ s left', lines[0.0][0])
@@ -881,7 +882,8 @@ def readme_commands():  # -> [(script, argv)] of every train.py / trams.py comma
     text = open(os.path.join(HERE, 'README.md')).read()
     blocks = ' '.join(re.findall(r'```\n(.*?)```', text, re.S)).replace('\\\n', ' ')
     spans = re.sub(r'```\n.*?```', '', text, flags=re.S).split('`')[1::2]   # `inline code`
-    lines = blocks.splitlines() + [s for s in spans if s.startswith(('python ', 'torchrun ', 'pip'))]
+    lines = blocks.splitlines() + [s for s in spans if s.startswith(('python ', 'torchrun ',
+                                                                     'pip'))]
     placeholders = {'<row>': 'copy_cpu', '<column>': 'rmt', ' P ': ' copy_cpu ', ' A ': ' rmt ',
                     ' S': ' 1', 'S`': '1'}
     commands = []

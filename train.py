@@ -191,8 +191,7 @@ def evaluate(model, split, dataset, train_cfg, env):
         if dataset.spec is not None:
             spec, sums, size = dataset.spec, [0.0] * 8, 4 * train_cfg.batch_size
             loader, limit = dataset.loaders[split], train_cfg.eval_examples or None
-            mine = len(loader.seqs[:limit][env.rank::env.world])      # this rank's examples
-            progress = Progress(split, mine, env.master)
+            progress = Progress(split, loader.eval_size(limit), env.master)
             for x, y, w in loader.eval_batches(size, limit):
                 progress.update(len(x))
                 batch = data.answer_metrics(model, x.to(env.device), y.to(env.device),
@@ -207,9 +206,9 @@ def evaluate(model, split, dataset, train_cfg, env):
                 res['exact_none'] = em_none / max(n_none, 1)
                 res['n_none'] = int(n_none)
         else:                                    # memory carried through each rank's streams
-            blocks = stream_nll(model, dataset.loaders[split], model.cfg.seg_len,
-                                train_cfg.eval_tokens or None, env.device,
-                                Progress(split, 0, env.master))
+            stream, limit = dataset.loaders[split], train_cfg.eval_tokens or None
+            blocks = stream_nll(model, stream, model.cfg.seg_len, limit, env.device,
+                                Progress(split, stream.eval_size(limit), env.master))
             nll, n = reduce(blocks.sum(0).tolist(), env)
             res = dict(loss=nll / n, n=int(n))
             if train_cfg.task == 'wt103':
@@ -225,19 +224,14 @@ def format_metrics(res):  # 'loss 1.2345 | acc_tf 0.9000 | n 1000'
                       for k, v in res.items())
 
 
-def stream_nll(model, stream, seg_len, max_tokens, device, progress=None):
+def stream_nll(model, stream, seg_len, max_tokens, device, progress):
     """Language-model evaluation as in Transformer-XL: a data.Stream's rows read window after
     window of seg_len tokens from the start, the memory carried across windows, every target
     scored once (up to max_tokens per rank). The caller sets the precision (autocast or not).
     -> (N, 2) float64 on the CPU, one row per (stream, window): NLL sum, tokens."""
     state, blocks = None, []
-    if progress is not None:                     # tokens per stream row to score
-        progress.total = stream.data.shape[1] - 1
-        if max_tokens is not None:
-            progress.total = min(progress.total, -(-max_tokens // stream.B))
     for x, y in stream.eval_windows(seg_len, max_tokens):
-        if progress is not None:
-            progress.update(x.size(1))
+        progress.update(x.size(1))               # a line on stderr every 10 s
         nll, state = model(x.to(device), state, y.to(device))                     # (B, w)
         sums = nll.double().sum(1)                                                # (B,)
         blocks.append(torch.stack([sums, torch.full_like(sums, nll.size(1))], 1))  # (B, 2)

@@ -228,8 +228,9 @@ def evaluate(model, tokens, sel, cfg, pool, device, label='row'):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     with torch.no_grad():
-        blocks = stream_nll(model, data.Stream(tokens, cfg.batch_size, cfg.seg_len), cfg.seg_len,
-                            cfg.eval_tokens or None, device, Progress(label, 0))
+        stream, limit = data.Stream(tokens, cfg.batch_size, cfg.seg_len), cfg.eval_tokens or None
+        blocks = stream_nll(model, stream, cfg.seg_len, limit, device,
+                            Progress(label, stream.eval_size(limit)))
     dt, (nll, n) = time.time() - t0, blocks.sum(0).tolist()
     attach(model, None)
     peak = peak_memory(device)                   # on a CPU: the whole process's peak
