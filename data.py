@@ -234,7 +234,8 @@ class Corpus:
         """Token ids of text: its UTF-8 bytes, or its words, each of which the vocabulary must
         hold (DataError otherwise: the data's own unknown word is spelled <unk>)."""
         if self.itos is None:
-            ids = np.frombuffer(text.encode('utf-8'), np.uint8).astype(np.int64)
+            # surrogateescape: bytes that are no UTF-8 (a shell's $'\xff') come back as bytes
+            ids = np.frombuffer(text.encode('utf-8', 'surrogateescape'), np.uint8).astype(np.int64)
         else:
             stoi = {w: i for i, w in enumerate(self.itos)}
             words = text.replace('\n', ' <eos> ').split()  # a newline ends a line, as in training

@@ -805,7 +805,8 @@ def test_bad_input_exits_2_with_one_line():
                      '--seed -1', '--d_model 63', '--aux_mem_loss -1', '--vocab_size 5',
                      '--mode eval', '--arch xl --n_mem_tokens 5', '--arch mt --mem_len 50',
                      '--clamp_len -5', '--prompt hi', '--arch baseline --mem_len 4',
-                     '--d_model 100000'):
+                     '--d_model 100000', '--compile maybe',
+                     '--task text --preset copy_cpu', '--n_head 100000 --d_head 100000'):
             # another exception fails the test; a case's own --out_dir wins over this one
             code, out, err = train_main('--out_dir', f'{d}/o', *args.split())
             assert code == 2 and len(err.strip().splitlines()) == 1, (args, code, err)
@@ -920,6 +921,40 @@ def test_every_readme_command_parses():
                 raise AssertionError(f'{script}.py {" ".join(argv)}: {err.getvalue()}')
 
 
+def test_every_readme_command_runs_two_steps_on_local_data():
+    """Each distinct train.py and trams.py command of the README, run as written on a local
+    file (FILE, dynamo.txt and enwik8 stand for it; out/ckpt.pt is the README's xl run), cut to 2
+    training steps and a few evaluated tokens: it ends well. 20 s at most in all."""
+    t0, commands = time.time(), []
+    for script, argv in readme_commands():
+        if (script, argv) not in commands and '--help' not in argv:
+            commands.append((script, argv))
+    # the xl text run first: the eval, sample and trams commands read its checkpoint
+    commands.sort(key=lambda c: (c[0] == 'trams' or '--init_from' in c[1], '--arch' not in c[1]))
+    with tempfile.TemporaryDirectory() as d:
+        _put(f'{d}/t.txt', open(os.path.join(HERE, 'README.md'), 'rb').read() * 10)
+        local = {'FILE': f'{d}/t.txt', 'dynamo.txt': f'{d}/t.txt', 'out/ckpt.pt': f'{d}/0/ckpt.pt'}
+        short = {'train': '--max_iters 2 --eval_interval 2 --log_interval 1 --eval_examples 8 '
+                          '--eval_tokens 64 --batch_size 2', 'eval': '--eval_tokens 64',
+                 'sample': '--sample_len 5', 'trams': '--eval_tokens 64'}
+        for i, (script, argv) in enumerate(commands):
+            argv = [local.get(a, a) for a in argv]
+            if argv[:2] == ['--task', 'enwik8']:             # no download here: the local file
+                argv = ['--task', 'text', '--data_path', f'{d}/t.txt', *argv[2:]]
+            mode, extra = 'trams', []
+            if script == 'train':
+                mode = dict(zip(argv, argv[1:])).get('--mode', 'train')
+                extra = ['--out_dir', f'{d}/{i}']
+            extra += short[mode].split()
+            for flag in extra[::2]:                 # the cut replaces a flag the command gives
+                while flag in argv:
+                    del argv[argv.index(flag):argv.index(flag) + 2]
+            code, out, err = train_main(*argv, *extra,
+                                        main=trams.main if script == 'trams' else train.main)
+            assert code in (0, None), (script, argv, err)
+    assert time.time() - t0 < 20, time.time() - t0
+
+
 def test_preset_choice_quick_default_on_every_device():
     for gpu in (False, True):
         with mock.patch.object(torch.cuda, 'is_available', return_value=gpu):
@@ -1013,8 +1048,8 @@ def test_checkpoint_digest_finds_a_changed_byte_nonfinite_and_malformed_entries(
         _put(f'{d}/t.txt', open(os.path.join(HERE, 'README.md'), 'rb').read())
         lm = ['--task', 'text', '--data_path', f'{d}/t.txt', '--arch', 'xl', '--n_layer', '1',
               '--d_model', '32', '--d_head', '16', '--d_inner', '64', '--seg_len', '16',
-              '--mem_len', '16', '--batch_size', '4', '--max_iters', '2', '--eval_tokens', '64']
-        code, _, err = train_main(*lm, '--out_dir', f'{d}/a')
+              '--mem_len', '16', '--batch_size', '4', '--eval_tokens', '64']
+        code, _, err = train_main(*lm, '--max_iters', '2', '--out_dir', f'{d}/a')
         assert code == 0, err
         good = torch.load(f'{d}/a/ckpt.pt', weights_only=True)
         assert good['digest'] == train.digest({k: v for k, v in good.items() if k != 'digest'})
@@ -1036,7 +1071,15 @@ def test_checkpoint_digest_finds_a_changed_byte_nonfinite_and_malformed_entries(
         changed('cfg', lambda c: (c.__setitem__('model_cfg', [1]), redigest(c)))
         changed('model', lambda c: (c.__setitem__('model', 3), redigest(c)))
         changed('old', lambda c: c.pop('digest'))
-        for name in ('flip', 'moment', 'digest', 'nan', 'cfg', 'model'):
+        changed('noarch', lambda c: (c['model_cfg'].pop('arch'), redigest(c)))
+        changed('step', lambda c: (c.__setitem__('step', '2'), redigest(c)))
+        changed('adam', lambda c: (c['optimizer'].__setitem__('param_groups', []), redigest(c)))
+        for name in ('step', 'adam'):                          # a forged training state
+            os.makedirs(f'{d}/{name}', exist_ok=True)
+            os.replace(f'{d}/{name}.pt', f'{d}/{name}/ckpt.pt')
+            code, out, err = train_main(*lm, '--resume', '--out_dir', f'{d}/{name}')
+            assert code == 2 and len(err.splitlines()) == 1 and 'ckpt.pt' in err, (name, err)
+        for name in ('flip', 'moment', 'digest', 'nan', 'cfg', 'model', 'noarch'):
             for args in (['--init_from', f'{d}/{name}.pt', '--max_iters', '3'],
                          ['--mode', 'eval', '--init_from', f'{d}/{name}.pt']):
                 code, out, err = train_main(*args, '--out_dir', f'{d}/o')
@@ -1049,6 +1092,10 @@ def test_checkpoint_digest_finds_a_changed_byte_nonfinite_and_malformed_entries(
         assert code == 2 and 'damaged' in err and f'{d}/a/best.pt' in err, err
         code, out, err = train_main('--mode', 'eval', '--init_from', f'{d}/old.pt')
         assert code == 0 and 'no digest' in out and 'test:' in out, err
+        for odd in ('best.pt', 'ckpt.pt'):                     # a directory where a file goes
+            os.makedirs(f'{d}/odd{odd}/{odd}')
+            code, out, err = train_main(*lm, '--out_dir', f'{d}/odd{odd}')
+            assert code == 2 and 'not a file' in err and len(err.splitlines()) == 1, err
         _put(f'{d}/t.txt', open(f'{d}/t.txt', 'rb').read()[::-1])      # the data change
         code, out, err = train_main('--mode', 'eval', '--init_from', f'{d}/a/best.pt')
         assert code == 2 and 'changed since' in err and len(err.splitlines()) == 1, err

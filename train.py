@@ -330,7 +330,8 @@ def main(argv):
             log.exclude(time.time() - t_val)     # the speed is the training steps' alone
         stop_on_signal(signals, step, best_val, states, to_save)
     catch_signals(stop_final_test)               # a signal now ends the run: all is saved
-    log.result('test', evaluate(model, 'test', dataset, train_cfg, env), train_cfg.max_iters)
+    log.result('test', evaluate(model, 'test', dataset, train_cfg, env),
+               max(start, train_cfg.max_iters))
 
 
 # =============================================================================================
@@ -351,9 +352,9 @@ def die(msg, code=2):  # bad input ends in one line that names the fix, exit 2, 
 
 def parse_flags(argv, configs, positional=None, refused=()):
     """Every field of the dataclasses `configs` is a flag: --name value or --name=value; a bare
-    boolean (or --resume) means true. -> {name: value} of the flags given. `positional`: a field
-    that may also be given as a plain argument (trams.py's checkpoint); `refused`: fields that
-    are no flags (the data set them)."""
+    boolean (or --resume) means true; a flag given twice takes its last value. -> {name: value}
+    of the flags given. `positional`: a field that may also be given as a plain argument
+    (trams.py's checkpoint); `refused`: fields that are no flags (the data set them)."""
     types = {f.name: f.type for c in configs for f in fields(c)}
     args, given = list(argv), {}
     while args:
@@ -369,7 +370,9 @@ def parse_flags(argv, configs, positional=None, refused=()):
         if name in refused:
             die(f"--{name} is set by the task's data: drop the flag")
         next_is_value = args and not args[0].startswith('--')
-        if typ is bool and next_is_value:
+        if typ is bool and next_is_value and (positional is None or positional in given):
+            next_is_value = True                 # --compile maybe: a bad value, said so below
+        elif typ is bool and next_is_value:
             next_is_value = args[0].lower() in BOOLEANS   # else the bare flag, then an argument
         if not eq and not next_is_value and (typ is bool or name == 'resume'):
             val = 'true'                         # a bare boolean (or --resume) means true
@@ -445,9 +448,13 @@ def make_configs(given, ckpt=None, path='', resuming=False):
         train_fields.pop('resume', None)
         if not resuming:
             train_fields['out_dir'] = TrainConfig.out_dir
-        if given.get('arch', model_fields['arch']) != model_fields['arch']:
-            die(f"the checkpoint holds an '{model_fields['arch']}' model, not '{given['arch']}': "
+        arch, task = model_fields.get('arch'), train_fields.get('task')
+        if given.get('arch', arch) != arch:
+            die(f"the checkpoint holds an '{arch}' model, not '{given['arch']}': "
                 'drop --arch or use another checkpoint')
+        if (given.get('task', task) in data.LM_TASKS) != (task in data.LM_TASKS):
+            die(f"{path} holds a model of the {task} task, which cannot run --task "
+                f"{given['task']} (language modelling and algorithmic tasks differ): drop --task")
         why = f'from {path}'
     else:
         name, why = choose_preset(given)
@@ -455,6 +462,10 @@ def make_configs(given, ckpt=None, path='', resuming=False):
             die(f"unknown preset '{name}': use one of {', '.join(PRESETS)}")
         model_fields, preset = {}, PRESETS[name]
         train_fields = dict(preset=name, task=name.removesuffix('_cpu'))
+        kind = train_fields['task'] in data.LM_TASKS  # enwik8's model may learn any text
+        if (given.get('task', train_fields['task']) in data.LM_TASKS) != kind:
+            die(f"--preset {name} is for --task {train_fields['task']}, not {given['task']} "
+                '(language modelling and algorithmic tasks differ): drop one of them')
     for k, v in {**preset, **given}.items():
         if k in TrainConfig.__dataclass_fields__:
             train_fields[k] = v
@@ -465,7 +476,10 @@ def make_configs(given, ckpt=None, path='', resuming=False):
         model_cfg = ModelConfig(**model_fields)
         check_together(model_cfg, train_cfg, given)
     except (TypeError, ValueError) as e:
-        die(str(e))
+        where = ''
+        if ckpt is not None:                     # the checkpoint's configuration, or a flag
+            where = f'{path} with the flags given: '
+        die(f'{where}{e}')
     return model_cfg, train_cfg, why
 
 
@@ -690,12 +704,14 @@ def keep_metrics(path, start):
     that no step appears twice. Rewritten atomically."""
     kept = []
     if start and os.path.exists(path):
-        for line in open(path).read().splitlines():
+        for line in open(path, errors='replace').read().splitlines():
             try:
                 rec = json.loads(line)
             except ValueError:                   # torn by a kill in mid-write
                 continue
-            if isinstance(rec, dict) and rec.get('step', 0) <= start:
+            # the test is run anew at the end: its record too
+            if isinstance(rec, dict) and rec.get('kind') != 'test' and \
+                    isinstance(rec.get('step'), int) and rec['step'] <= start:
                 kept.append(line + '\n')
     with open(f'{path}.tmp', 'w') as f:
         f.writelines(kept)
@@ -810,6 +826,8 @@ def load_checkpoint(path, resume=False):
     """The checkpoint dict at path (on the CPU), checked before anything heavy: its digest (a
     checkpoint without one, from before digests, loads with a note), its entries, finite weights;
     resume: it must hold a whole training state. Each problem ends in one line naming the file."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        die(f'{path} is not a file: move it away, or give another path')
     if not os.path.isfile(path):
         if resume:
             die(f'no checkpoint to resume at {path}: start without --resume or fix --out_dir')
@@ -838,6 +856,8 @@ def load_checkpoint(path, resume=False):
         die(f"{path} holds no complete training state (no "
             f"{', '.join(sorted(lacks))}): start a new run with --resume false "
             'or another --out_dir')
+    if resume and not (isinstance(ckpt['step'], int) and ckpt['step'] >= 0):
+        die(f"{path} is malformed: its step is {ckpt['step']!r}: {other_copy(path)}")
     if stored is None:
         print(f'note: {path} holds no digest (written before digests): loaded unverified')
     return ckpt
@@ -876,7 +896,7 @@ def other_copy(path):  # the fix for a damaged checkpoint: its sibling, if it is
         if other != name and os.path.exists(os.path.join(folder, other)):
             return (f'{os.path.join(folder, other)} is another copy of the run (use it as '
                     '--init_from, or move it to ckpt.pt and resume with --resume true)')
-    return 'use another checkpoint, or start anew with --resume false'
+    return 'use another checkpoint (a training run: or start anew with --resume false)'
 
 
 def load_weights(model, ckpt, path):
@@ -942,17 +962,20 @@ def restore(ckpt, path, given, optimizer, scheduler, dataset, train_cfg, env):
         die(f'the data differ from those {path} was trained on (another file '
             'or other contents): restore them, or start a new run with '
             '--resume false or another --out_dir')
-    mine = ckpt['ranks'][env.rank]
-    optimizer.load_state_dict(ckpt['optimizer'])
-    scheduler.load_state_dict(ckpt['scheduler'])
+    try:
+        mine = ckpt['ranks'][env.rank]
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scheduler.load_state_dict(ckpt['scheduler'])
+        dataset.loaders['train'].load_state_dict(ckpt['loader'])
+        states = [memory.move_state(s, env.device) for s in mine['memory']]
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        die(f'{path} holds a malformed training state ({type(e).__name__}): {other_copy(path)}')
     if 'lr' in given:                            # a new --lr wins over the checkpoint's
         optimizer.param_groups[0]['lr'], scheduler.base_lrs = train_cfg.lr, [train_cfg.lr]
     torch.set_rng_state(mine['rng'])
     if env.cuda and mine['cuda_rng'] is not None:
         torch.cuda.set_rng_state(mine['cuda_rng'])
-    dataset.loaders['train'].load_state_dict(ckpt['loader'])
     env.print(f"resuming {path} at step {ckpt['step']} of {train_cfg.max_iters}")
-    states = [memory.move_state(s, env.device) for s in mine['memory']]
     return ckpt['step'], ckpt['best_val'], states
 
 
@@ -1025,8 +1048,13 @@ def claim_out_dir(out_dir, env):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         die(f'another run is training in {out_dir}: let it end, or give another --out_dir')
+    for name in ('ckpt.pt', 'best.pt', 'metrics.jsonl'):
+        if os.path.exists(os.path.join(out_dir, name)):
+            if not os.path.isfile(os.path.join(out_dir, name)):
+                die(f'{os.path.join(out_dir, name)} is not a file: move it away, or give '
+                    'another --out_dir')
     for name in os.listdir(out_dir):
-        if '.pt.tmp' in name:
+        if '.pt.tmp' in name and os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
     return lock                                  # kept open: closing it would release the lock
 
