@@ -12,6 +12,7 @@ import math
 import os
 import re
 import sys
+import time
 import urllib.request
 import zipfile
 import zlib
@@ -27,6 +28,28 @@ LM_TASKS = ('enwik8', 'wt103', 'text')
 
 class DataError(Exception):
     """A data problem the user can fix; the one-line message names the fix."""
+
+
+PROGRESS_SECONDS = 10.0   # long work (data preparation, evaluation) reports this often
+
+
+class Progress:
+    """On long work, a line on stderr every PROGRESS_SECONDS: what, done / total, elapsed and
+    the time left at the rate so far (quiet where active is False: ranks other than 0)."""
+
+    def __init__(self, what, total, active=True):
+        self.what, self.total, self.active, self.done = what, total, active, 0
+        self.t0 = self.last = time.time()
+
+    def update(self, more):  # called before each piece of work: reports what is done so far
+        now = time.time()
+        if self.active and now - self.last >= PROGRESS_SECONDS and self.done:
+            elapsed = now - self.t0
+            left = elapsed * (self.total - self.done) / self.done
+            print(f'{self.what}: {self.done} / {self.total} done, {elapsed:.0f} s, about '
+                  f'{left:.0f} s left', file=sys.stderr, flush=True)
+            self.last = now
+        self.done += more
 
 
 def _shifted(rows):
@@ -286,7 +309,10 @@ def _zip_lines(zpath, member, url, text):
     """Lines (str if text else bytes) of a zip member, read lazily: wiki.train.tokens is 0.5 GB."""
     try:
         with zipfile.ZipFile(zpath) as zf, zf.open(member) as f:
-            yield from io.TextIOWrapper(f, encoding='utf-8') if text else f
+            progress = Progress(f'reading {member} (bytes)', zf.getinfo(member).file_size)
+            for line in io.TextIOWrapper(f, encoding='utf-8') if text else f:
+                progress.update(len(line))       # characters for text: near enough
+                yield line
     except (zipfile.BadZipFile, KeyError, EOFError, zlib.error, UnicodeDecodeError) as e:
         raise _damaged(zpath, url, f'is damaged or not the expected archive ({e})') from None
 

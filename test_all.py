@@ -778,7 +778,8 @@ def test_trams_command_table_and_bad_input():
         assert code == 0 and '[' in out and 'predicting' in out, err
         for args in ('rmt.pt', 'xl.pt --task copy', 'xl.pt --x', 'xl.pt --select_topk 400',
                      'xl.pt --show --layer 1000', 'xl.pt --intervals -1', 'xl.pt --device foo',
-                     'xl.pt --eval_tokens -5', 'xl.pt --batch_size 100000', 'v12.pt'):
+                     'xl.pt --eval_tokens -5', 'xl.pt --batch_size 100000', 'v12.pt',
+                     'xl.pt --head 1', 'xl.pt --show --sweep mem_len=12,16'):
             code, out, err = cli(*f'{d}/{args}'.split())
             assert code == 2 and len(err.strip().splitlines()) == 1, (args, err)
 
@@ -875,12 +876,18 @@ def test_progress_lines_on_long_evaluation():
     lines = {}
     for seconds in (0.0, 10.0):                  # a line per window after the first, or none
         err = io.StringIO()
-        with _patch(train, PROGRESS_SECONDS=seconds), contextlib.redirect_stderr(err):
+        with _patch(data, PROGRESS_SECONDS=seconds), contextlib.redirect_stderr(err):
             with torch.no_grad():
-                progress = train.Progress('val', stream.eval_size())
+                progress = data.Progress('val', stream.eval_size())
                 train.stream_nll(m, stream, 5, None, 'cpu', progress)
         lines[seconds] = err.getvalue().splitlines()
     assert len(lines[0.0]) == 199 and lines[10.0] == [], lines[0.0][:3]
+    with tempfile.TemporaryDirectory() as d:      # data preparation: reading a zipped corpus
+        _put(f'{d}/c.zip', {'c.txt': 'a line\n' * 50})
+        err = io.StringIO()
+        with _patch(data, PROGRESS_SECONDS=0.0), contextlib.redirect_stderr(err):
+            assert len(list(data._zip_lines(f'{d}/c.zip', 'c.txt', 'url', True))) == 50
+        assert err.getvalue().splitlines()[-1].startswith('reading c.txt (bytes): 343 / 350 done')
     assert re.fullmatch(r'val: 5 / 999 done, \d+ s, about \d+ s left', lines[0.0][0])
 
 

@@ -191,7 +191,7 @@ def evaluate(model, split, dataset, train_cfg, env):
         if dataset.spec is not None:
             spec, sums, size = dataset.spec, [0.0] * 8, 4 * train_cfg.batch_size
             loader, limit = dataset.loaders[split], train_cfg.eval_examples or None
-            progress = Progress(split, loader.eval_size(limit), env.master)
+            progress = data.Progress(split, loader.eval_size(limit), env.master)
             for x, y, w in loader.eval_batches(size, limit):
                 progress.update(len(x))
                 batch = data.answer_metrics(model, x.to(env.device), y.to(env.device),
@@ -208,7 +208,7 @@ def evaluate(model, split, dataset, train_cfg, env):
         else:                                    # memory carried through each rank's streams
             stream, limit = dataset.loaders[split], train_cfg.eval_tokens or None
             blocks = stream_nll(model, stream, model.cfg.seg_len, limit, env.device,
-                                Progress(split, stream.eval_size(limit), env.master))
+                                data.Progress(split, stream.eval_size(limit), env.master))
             nll, n = reduce(blocks.sum(0).tolist(), env)
             res = dict(loss=nll / n, n=int(n))
             if train_cfg.task == 'wt103':
@@ -633,28 +633,6 @@ def to_device(t, env):  # pinned on CUDA: the copy overlaps compute
     if env.cuda:
         t = t.pin_memory()
     return t.to(env.device, non_blocking=True)
-
-
-PROGRESS_SECONDS = 10.0   # long work (evaluation, TRAMS rows) reports this often (tests: less)
-
-
-class Progress:
-    """On long work, a line on stderr every PROGRESS_SECONDS: what, done / total, elapsed and
-    the time left at the rate so far (quiet where active is False: ranks other than 0)."""
-
-    def __init__(self, what, total, active=True):
-        self.what, self.total, self.active, self.done = what, total, active, 0
-        self.t0 = self.last = time.time()
-
-    def update(self, more):  # called before each piece of work: reports what is done so far
-        now = time.time()
-        if self.active and now - self.last >= PROGRESS_SECONDS and self.done:
-            elapsed = now - self.t0
-            left = elapsed * (self.total - self.done) / self.done
-            print(f'{self.what}: {self.done} / {self.total} done, {elapsed:.0f} s, about '
-                  f'{left:.0f} s left', file=sys.stderr, flush=True)
-            self.last = now
-        self.done += more
 
 
 class Log:

@@ -20,7 +20,7 @@ import data
 import memory
 from model import MemTransformer, ModelConfig, check_limits, keep_all
 from train import (catch_signals, choose_device, die, load_checkpoint, load_weights, parse_flags,
-                   peak_memory, print_help, Progress, stop_at_once, stream_nll)
+                   peak_memory, print_help, stop_at_once, stream_nll)
 
 SELECTORS = ('trams', 'trams_paper', 'oracle', 'random', 'none')
 
@@ -230,7 +230,7 @@ def evaluate(model, tokens, sel, cfg, pool, device, label='row'):
     with torch.no_grad():
         stream, limit = data.Stream(tokens, cfg.batch_size, cfg.seg_len), cfg.eval_tokens or None
         blocks = stream_nll(model, stream, cfg.seg_len, limit, device,
-                            Progress(label, stream.eval_size(limit)))
+                            data.Progress(label, stream.eval_size(limit)))
     dt, (nll, n) = time.time() - t0, blocks.sum(0).tolist()
     attach(model, None)
     peak = peak_memory(device)                   # on a CPU: the whole process's peak
@@ -296,6 +296,11 @@ def make_settings(given):
     """-> (TramsConfig, the settings to run: one, or one per --sweep value, each checked)."""
     try:
         cfg = TramsConfig(**given)
+        if not cfg.show and {'layer', 'head'} & given.keys():
+            raise ValueError('--layer and --head choose what --show prints: add --show, or drop '
+                             'them')
+        if cfg.show and cfg.sweep:
+            raise ValueError('--show prints one setting: drop --sweep')
         key, _, values = cfg.sweep.partition('=')
         if not cfg.sweep:
             return cfg, [cfg]
