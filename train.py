@@ -934,9 +934,11 @@ def choose_start(given, out_dir):
         flags, theirs = run_flags(given), run.get('flags', {})
         diff = sorted(k for k in flags.keys() | theirs.keys() if flags.get(k) != theirs.get(k))
         if diff or 'flags' not in run:
-            die(f"{last} holds a run made with other flags "
-                f"({', '.join(diff) or 'unknown'}): continue it with --resume "
-                'true, replace it with --resume false, or give another --out_dir')
+            fixes = 'continue it with --resume true, replace it'
+            if any(k not in RESUMABLE for k in diff):    # a resumed run could not change those
+                fixes = 'replace it'
+            die(f"{last} holds a run made with other flags ({', '.join(diff) or 'unknown'}): "
+                f'{fixes} with --resume false, or give another --out_dir')
         return run, last, True
     if init:
         return load_checkpoint(init), init, False
