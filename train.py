@@ -502,18 +502,19 @@ def check_together(model_cfg, train_cfg, given):
     if 'n_mem_tokens' in given and arch in ('baseline', 'xl'):
         raise ValueError(f'--n_mem_tokens sets memory tokens, which --arch {arch} does not have: '
                          'drop it (or use --arch mt, rmt or xl_rmt)')
-    # flags that only some tasks or settings read
-    used_by = dict(seq_len=train_cfg.task in ('copy', 'reverse'),
-                   eval_examples=train_cfg.task in data.ALGO_TASKS,
-                   eval_tokens=train_cfg.task in data.LM_TASKS,
-                   data_path=train_cfg.task == 'text', data_dir=train_cfg.task in data.LM_TASKS,
-                   warmup_iters=train_cfg.schedule == 'cosine',
-                   top_k=train_cfg.temperature > 0)
-    unused = [k for k, used in used_by.items() if k in given and not used]
+    # flags that only some tasks or settings read: name -> (read here?, who reads it)
+    task = train_cfg.task
+    used_by = dict(seq_len=(task in ('copy', 'reverse'), '--task copy and reverse'),
+                   eval_examples=(task in data.ALGO_TASKS, 'algorithmic tasks'),
+                   eval_tokens=(task in data.LM_TASKS, 'language-modelling tasks'),
+                   data_path=(task == 'text', '--task text'),
+                   data_dir=(task in data.LM_TASKS, 'language-modelling tasks'),
+                   warmup_iters=(train_cfg.schedule == 'cosine', '--schedule cosine'),
+                   top_k=(train_cfg.temperature > 0, 'sampling at --temperature > 0'))
+    unused = [(k, who) for k, (used, who) in used_by.items() if k in given and not used]
     if unused:
-        raise ValueError(f'--{unused[0]} does nothing for --task {train_cfg.task} (with '
-                         f'--schedule {train_cfg.schedule}, --temperature '
-                         f'{train_cfg.temperature}): drop it')
+        raise ValueError(f'--{unused[0][0]} is read by {unused[0][1]} only, and does nothing '
+                         'here: drop it')
     ignored = [k for k in given if k in TRAINING_ONLY]
     if train_cfg.mode == 'train':
         ignored = [k for k in given if k in SAMPLING_ONLY]
@@ -1112,7 +1113,7 @@ class Signals(list):
                 raise KeyboardInterrupt
             yield
         except KeyboardInterrupt:
-            self.validating = False
+            self.validating = False              # a second signal must not cut the checkpoint
             stop_on_signal(self, step, best_val, states, to_save, 'validation abandoned')
         self.validating = False
 
