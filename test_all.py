@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import fcntl
 import http.client
+import importlib.util
 import io
 import json
 import os
@@ -1147,6 +1148,208 @@ def test_sigint_abandons_validation_and_stops_eval_and_trams_at_once_in_one_line
                                '8', '--select_topk', '8', '--seg_len', '16'], '|---|')):
             code, out, err = interrupt(args, marker)
             assert code == 130 and err.strip() == 'error: stopped by SIGINT', (args, out, err)
+
+
+# ----------------------------------------------------------------------------- the original code
+# TRXL_ORIGINAL=path/to/transformer-xl LMRMT_ORIGINAL=path/to/LM-RMT python test_all.py
+def _orig_import(root, name):
+    """pytorch/mem_transformer.py of the checkout `root` as module `name`. It imports its helpers
+    as `sys.path.append('utils'); from proj_adaptive_softmax import ...` (relative to the working
+    directory), and both originals have modules of those names, which differ: put this checkout's
+    utils/ first and leave sys.path and sys.modules as they were, so the two never meet."""
+    pytorch = os.path.join(root, 'pytorch')
+    shared = ('proj_adaptive_softmax', 'log_uniform_sampler')
+    saved_modules = {n: sys.modules.pop(n) for n in shared if n in sys.modules}
+    saved_path, saved_cuda = list(sys.path), torch.version.cuda
+    sys.path[:0] = [os.path.join(pytorch, 'utils'), pytorch]
+    # CPU-only torch: proj_adaptive_softmax parses torch.version.cuda (None there) at import into
+    # CUDA_MAJOR/MINOR, which nothing uses
+    torch.version.cuda = saved_cuda or '0.0'
+    try:
+        spec = importlib.util.spec_from_file_location(name,
+                                                      os.path.join(pytorch, 'mem_transformer.py'))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved_path
+        torch.version.cuda = saved_cuda
+        for n in shared:
+            sys.modules.pop(n, None)
+        sys.modules.update(saved_modules)
+    return module
+
+
+def _orig_param_map(ours, orig):
+    """(original parameter, our parameters whose concatenation along dim 0 it is), every one."""
+    pairs = [(orig.word_emb.emb_layers[0].weight, [ours.tok_emb.weight]),  # tied to the output
+             (orig.crit.out_layers[0].bias, [ours.out_bias]),
+             (orig.r_w_bias, [ours.u]), (orig.r_r_bias, [ours.v])]     # content, position bias
+    if ours.mem_init is not None:
+        pairs.append((orig.mem_tokens, [ours.mem_init]))               # (M, 1, C) and (M, C)
+    for theirs, block in zip(orig.layers, ours.blocks):
+        att, ff, ln = theirs.dec_attn, theirs.pos_ff, [block.ln1, block.ln2]
+        pairs += [(att.qkv_net.weight, [block.attn.q.weight, block.attn.kv.weight]),  # q, k, v
+                  (att.r_net.weight, [block.attn.r.weight]),
+                  (att.o_net.weight, [block.attn.o.weight])]
+        for i, norm in enumerate((att.layer_norm, ff.layer_norm)):   # post-LN: ln1, then ln2
+            pairs += [(norm.weight, [ln[i].weight]), (norm.bias, [ln[i].bias])]
+        for i in (0, 3):                            # the two Linears of Linear ReLU Dropout Linear
+            pairs += [(ff.CoreNet[i].weight, [block.ff[i].weight]),
+                      (ff.CoreNet[i].bias, [block.ff[i].bias])]
+    # nothing left out on either side (the original's uninitialised tensors must all be written)
+    for model, mapped in ((orig, [o for o, _ in pairs]),
+                          (ours, [p for _, ps in pairs for p in ps])):
+        assert {id(p) for p in model.parameters()} == {id(p) for p in mapped}, type(model)
+    return pairs
+
+
+def _orig_bool_masks(orig):
+    """kimiyoung's attention masks with a uint8 tensor, which today's masked_fill refuses (it
+    takes bool only; LM-RMT added .bool()): hand its attention the same mask as bool."""
+    for layer in orig.layers:
+        forward = layer.dec_attn.forward
+        layer.dec_attn.forward = lambda *a, attn_mask=None, _f=forward, **k: _f(
+            *a, attn_mask=None if attn_mask is None else attn_mask.bool(), **k)
+
+
+def _orig_signed_distances(orig):
+    """Our documented deviation (a), applied to LM-RMT: its positional table stops at distance 0
+    (pos_seq klen-1 ... 0), so where a memory slot attends a key after it (read memory both ways,
+    write memory to later write slots) _rel_shift reads a neighbour row's or the zero pad's entry.
+    Extend the table to klen-1 ... -klen and shift by gathering the true distance mlen+i-j of
+    query i to key j: column qlen-1-i+j. Distances >= 0 keep exactly their original entries."""
+    table = orig.pos_emb.forward
+    orig.pos_emb.forward = lambda pos_seq, bsz=None: table(
+        torch.cat([pos_seq, -1 - pos_seq.flip(0)]), bsz)
+
+    def shift(x, zero_triu=False):             # x (qlen, 2 klen, B, H) -> (qlen, klen, B, H)
+        qlen, klen = x.size(0), x.size(1) // 2
+        col = (qlen - 1 - torch.arange(qlen, device=x.device)[:, None]
+               + torch.arange(klen, device=x.device)[None])
+        return x.gather(1, col[:, :, None, None].expand(-1, -1, *x.shape[2:]))
+
+    for layer in orig.layers:
+        layer.dec_attn._rel_shift = shift
+
+
+def _orig_cache_tokens_only(orig, M):
+    """Our documented deviation (b), applied to LM-RMT's xl_rmt: its cache is the last mem_len
+    rows of [cache | read | tokens | write], so it always holds the M write slots (and read slots
+    once mem_len > T + M); ours holds token positions only. Hand its FIFO the token rows of each
+    block [read M | tokens | write M] and their count in place of the block length (the original
+    call passes (mlen, qlen) into parameters named (qlen, mlen); with ext_len 0 only the sum
+    counts)."""
+    update = orig._update_mems
+    orig._update_mems = lambda hids, mems, mlen, qlen: update(
+        [h[M:h.size(0) - M] for h in hids], mems, mlen, qlen - 2 * M)
+
+
+def _orig_run(orig, idx, targets, seg_len, fresh_memory=False):
+    """Per-token NLL (B, T_all) of the original over consecutive segments, the XL cache and the
+    memory tokens carried as LM-RMT's train_synthetic.py does (write outputs fed back without
+    detach: full BPTT inside the example). fresh_memory: the learned memory in every segment."""
+    mems, mem, losses = (), None, []
+    for s in range(0, idx.size(1), seg_len):
+        data = idx[:, s:s + seg_len].t().contiguous()            # time-major (T, B)
+        target = targets[:, s:s + seg_len].t().contiguous()
+        if getattr(orig, 'mem_tokens', None) is None:
+            loss, *mems = orig(data, target, *mems)
+        else:
+            if mem is None or fresh_memory:
+                mem = orig.mem_tokens.repeat(1, idx.size(0), 1)   # (M, B, C)
+            mem, loss, *mems = orig(data, target, *mems, mem_tokens=mem)
+        losses.append(loss.t())
+    return torch.cat(losses, 1)
+
+
+def _orig_randomize(model):
+    """Weights far from the default init (LayerNorm 1/0, zero biases, u and v at std 0.02), so
+    that a swapped or misplaced tensor changes the output visibly. Seeded by the caller."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, p.size(1) ** -0.5)          # matrices, embeddings, u, v, memory
+            elif '.ln' in name and name.endswith('weight'):
+                p.normal_(1, 0.2)                        # LayerNorm gains
+            else:
+                p.normal_(0, 0.5)                        # biases
+
+
+def test_equals_the_original_code_with_the_same_weights():
+    """Our model against the original research code with the same weights: per-token loss over
+    5 segments with the memory carried (the last one partial) and every parameter's gradient of
+    the summed loss. xl against kimiyoung/transformer-xl; mt, rmt, xl_rmt against booydar/LM-RMT
+    with its flags for each, and our two documented deviations (README, Deviations: true signed
+    distances; xl_rmt caches tokens only) applied to it at run time where they matter."""
+    roots = {'transformer-xl': os.environ.get('TRXL_ORIGINAL'),
+             'LM-RMT': os.environ.get('LMRMT_ORIGINAL')}
+    if not any(roots.values()):
+        raise unittest.SkipTest('set TRXL_ORIGINAL=path/to/transformer-xl and/or '
+                                'LMRMT_ORIGINAL=path/to/LM-RMT (checkouts of the original code) '
+                                'to compare')
+    modules = {repo: _orig_import(root, f'_original_{repo.replace("-", "_")}')
+               for repo, root in roots.items() if root}
+    T, P, M, B = 5, 7, 3, 2                      # segment, XL cache (> T: fills over 2), memory
+    stream = torch.randint(0, 12, (B, 5 * T), generator=torch.Generator().manual_seed(0))
+    idx, targets = stream[:, :-1], stream[:, 1:]  # 5 segments, the last one 4 tokens
+    # arch: (repository, its MemTransformerLM flags beyond the shapes, clamp_len, patches)
+    cases = {
+        'xl': ('transformer-xl', dict(mem_len=P), 0, [_orig_bool_masks]),
+        # clamped distances: ours caps both signs, the original the positive ones (all XL sees)
+        'xl clamp_len 3': ('transformer-xl', dict(mem_len=P), 3, [_orig_bool_masks]),
+        # MT as in the paper's runs (short_synthetic+MT.csv): memory tokens before the segment only
+        'mt': ('LM-RMT', dict(mem_len=0, num_mem_tokens=M, mem_at_end=False), 0,
+               [_orig_signed_distances]),
+        'rmt': ('LM-RMT', dict(mem_len=0, num_mem_tokens=M, mem_at_end=True), 0,
+                [_orig_signed_distances]),
+        # read_mem_from_cache (set in the paper's runs): memory sees the cache, as ours always does
+        'xl_rmt': ('LM-RMT', dict(mem_len=P, num_mem_tokens=M, mem_at_end=True,
+                                  read_mem_from_cache=True), 0,
+                   [_orig_signed_distances, lambda orig: _orig_cache_tokens_only(orig, M)]),
+    }
+    done, skipped = [], []
+    for name, (repo, flags, clamp_len, patches) in cases.items():
+        if repo not in modules:
+            skipped.append(f'{name} (set {"TRXL" if repo == "transformer-xl" else "LMRMT"}'
+                           f'_ORIGINAL)')
+            continue
+        arch = name.split()[0]
+        torch.manual_seed(0)
+        ours = MemTransformer(ModelConfig(
+            arch=arch, vocab_size=12, n_layer=2, n_head=2, d_model=32, d_head=16, d_inner=64,
+            dropout=0.0, dropatt=0.0, seg_len=T, mem_len=P, n_mem_tokens=M, bptt_depth=-1,
+            clamp_len=clamp_len))
+        _orig_randomize(ours)
+        orig = modules[repo].MemTransformerLM(
+            12, 2, 2, 32, 16, 64, dropout=0.0, dropatt=0.0, tie_weight=True, d_embed=32,
+            div_val=1, tie_projs=[False], pre_lnorm=False, tgt_len=T, ext_len=0, cutoffs=[],
+            same_length=False, attn_type=0, clamp_len=clamp_len or -1, **flags)
+        pairs = _orig_param_map(ours, orig)
+        with torch.no_grad():
+            for theirs, ps in pairs:
+                theirs.copy_(torch.cat(ps).view_as(theirs))
+        for patch in patches:
+            patch(orig)
+        nll_ours, _ = ours(idx, None, targets)
+        # our MT reads the learned memory in every segment; LM-RMT's train_synthetic.py feeds
+        # what forward() returns, with mem_at_end off the read slots' outputs, to the next segment
+        # (a recurrence that never sees the tokens), so give the original the learned memory too
+        nll_orig = _orig_run(orig, idx, targets, T, fresh_memory=arch == 'mt')
+        nll_ours.sum().backward()
+        nll_orig.sum().backward()
+        loss_gap = (nll_ours - nll_orig).abs().max().item()
+        grad_gap, worst = 0.0, ''
+        for theirs, ps in pairs:
+            g_ours = torch.cat([p.grad for p in ps]).view_as(theirs)
+            gap = ((g_ours - theirs.grad).abs().max() / theirs.grad.abs().max()).item()
+            if not gap <= grad_gap:                              # nan counts as the worst
+                grad_gap, worst = gap, [n for n, p in orig.named_parameters() if p is theirs][0]
+        done.append(f'{name}: loss {loss_gap:.1e}, grad {grad_gap:.1e} ({worst})')
+        assert loss_gap < 1e-5, f'{name} vs {repo}: per-token loss differs by {loss_gap:.2e}'
+        assert grad_gap < 1e-4, (f'{name} vs {repo}: gradient of {worst} differs by '
+                                 f'{grad_gap:.2e} of its largest entry')
+    print(f'original code parity, max gaps over {idx.size(1)} tokens in 5 segments: '
+          + '; '.join(done) + ('; not compared: ' + ', '.join(skipped) if skipped else ''))
 
 
 # ----------------------------------------------------------------------------- GPU
