@@ -34,15 +34,15 @@ class ModelConfig:
     arch: str = 'rmt'          # baseline | mt | xl | rmt | xl_rmt
     vocab_size: int = 12       # V; set from the task's data
     n_layer: int = 2           # L: blocks (layers)
-    n_head: int = 2            # H: attention heads per layer
+    n_head: int = 4            # H: attention heads per layer
     d_model: int = 64          # C: model width; even (sinusoidal positions: sin, cos pairs)
-    d_head: int = 32           # D: head width; n_head * d_head need not equal d_model
+    d_head: int = 16           # D: head width; n_head * d_head need not equal d_model
     d_inner: int = 128         # FFN hidden size
     dropout: float = 0.0       # on embeddings, positional embeddings, attention output, FFN
     dropatt: float = 0.0       # on attention probabilities
     seg_len: int = 24          # tokens per segment (T); evaluation may use another
-    mem_len: int = 12          # xl, xl_rmt: cached layer inputs per layer (P); eval may differ
-    n_mem_tokens: int = 12     # mt, rmt, xl_rmt: memory slots (M)
+    mem_len: int = 16          # xl, xl_rmt: cached layer inputs per layer (P); eval may differ
+    n_mem_tokens: int = 16     # mt, rmt, xl_rmt: memory slots (M)
     bptt_depth: int = -1       # rmt: segments the gradient reaches back (0 = none, -1 = all)
     clamp_len: int = 0         # > 0: cap |distance| in the positional term
     cutoffs: tuple = ()        # adaptive softmax cluster starts (wt103); () = full softmax
@@ -79,8 +79,8 @@ MODEL_LIMITS = dict(arch=ARCHS, vocab_size='>= 1', n_layer='>= 1', n_head='>= 1'
 
 def check_limits(cfg, limits):
     """Raise ValueError, in one line naming the flag, for the first field of cfg outside its
-    limit: a tuple of allowed values, or for a number '>= a', '> a' or '[a, b)' (a finite number
-    within; nan fails every comparison, so it is refused too)."""
+    limit: a tuple of allowed values, or for a number '>= a', '> a', '[a, b)' or '[a, b]' (a
+    finite number within; nan fails every comparison, so it is refused too)."""
     for name, limit in limits.items():
         value = getattr(cfg, name)
         if isinstance(limit, tuple):
@@ -88,9 +88,10 @@ def check_limits(cfg, limits):
                 raise ValueError(f"unknown {name} '{value}': use one of "
                                  f"{', '.join(map(str, limit))}")
             continue
-        if limit.startswith('['):                    # [low, high)
+        if limit.startswith('['):                    # [low, high) or [low, high]
             low, high = (_number(b) for b in limit[1:-1].split(','))
-            ok, text = low <= value < high, f'in {limit}'
+            ok, text = low <= value and (value < high or limit[-1] == ']' and value == high), \
+                f'in {limit}'
         else:                                        # '>= low' or '> low'
             op, low = limit.split()
             ok, text = value > _number(low) or (op == '>=' and value == _number(low)), limit

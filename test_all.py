@@ -872,6 +872,40 @@ def test_log_speed_counts_the_steps_since_the_last_line_and_metrics_file_resumes
         assert open(path).read() == ''
 
 
+def test_solved_run_ends_early_says_why_and_its_resume_only_tests():
+    """--stop_exact: a validation with every answer right ends training there, in a line that
+    says why; the checkpoint records it, so the same command run again goes straight to the test,
+    and --resume true --stop_exact 0 trains on to --max_iters."""
+    real, calls = train.evaluate, []
+
+    def second_val_solved(model, split, dataset, train_cfg, env):
+        res = real(model, split, dataset, train_cfg, env)
+        calls.append(split)
+        if split == 'val' and calls.count('val') == 2:      # the validation at step 4
+            res['exact'] = 1.0
+        return res
+    with tempfile.TemporaryDirectory() as d:
+        args = ['--max_iters', '8', '--eval_interval', '2', '--eval_examples', '16',
+                '--log_interval', '1', '--out_dir', d]
+        with _patch(train, evaluate=second_val_solved):
+            code, out, err = train_main(*args)
+        assert code == 0, err
+        assert 'solved: val exact 1.0000 >= --stop_exact 1 at step 4, so training ends before ' \
+               '--max_iters 8' in out, out
+        assert 'step 5 ' not in out and 'test:' in out, out
+        ckpt = torch.load(f'{d}/ckpt.pt', weights_only=True)
+        assert ckpt['step'] == 4 and ckpt['solved'], (ckpt['step'], ckpt['solved'])
+        recs = [json.loads(ln) for ln in open(f'{d}/metrics.jsonl')]
+        assert recs[-1]['kind'] == 'test' and recs[-1]['step'] == 4, recs[-1]
+        code, out, err = train_main(*args)                  # the same command again
+        assert code == 0 and 'only the test is left' in out and 'test:' in out, out + err
+        assert not [ln for ln in out.splitlines() if ln.startswith(('step', 'val'))], out
+        code, out, err = train_main(*args, '--resume', 'true', '--stop_exact', '0')
+        steps = [ln.split(' | ')[0] for ln in out.splitlines() if ln.startswith('step')]
+        assert code == 0 and steps == [f'step {i}' for i in range(5, 9)], out + err
+        assert torch.load(f'{d}/ckpt.pt', weights_only=True)['step'] == 8
+
+
 def test_progress_lines_on_long_evaluation():
     m, stream = tiny('xl', vocab_size=256).eval(), Stream(np.arange(2001) % 256, 2, 0)
     lines = {}

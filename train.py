@@ -50,12 +50,15 @@ class TrainConfig:
     batch_size: int = 64       # examples (or LM streams) per micro-step per process
     grad_accum: int = 1        # micro-steps per optimizer step
     lr: float = 1e-3           # Adam learning rate
-    schedule: str = 'plateau'  # plateau: constant, halved when val loss stalls | cosine: warm-up
-    warmup_iters: int = 0      # cosine: linear warm-up steps
+    schedule: str = 'cosine'   # cosine: linear warm-up, then cosine to 0 | plateau: constant,
+    #                            halved when val loss stalls (the RMT paper's algorithmic runs)
+    warmup_iters: int = 300    # cosine: linear warm-up steps
     grad_clip: float = 0.25    # max gradient norm (0 = off)
-    max_iters: int = 4000      # optimizer steps
-    eval_interval: int = 500   # steps between validations (and checkpoints)
+    max_iters: int = 1600      # optimizer steps
+    eval_interval: int = 400   # steps between validations (and checkpoints)
     eval_examples: int = 1000  # algorithmic tasks: examples per evaluation (0 = whole split)
+    stop_exact: float = 1.0    # algorithmic tasks: end training once val exact reaches this
+    #                            (1.0: every validation answer right; 0 = run all max_iters)
     eval_tokens: int = 0       # LM tasks: tokens per rank per evaluation (0 = whole split)
     log_interval: int = 250    # steps between log lines
     seed: int = 1337           # data, initialisation, dropout and sampling (per rank: + rank)
@@ -83,22 +86,32 @@ TRAIN_LIMITS = dict(task=data.ALGO_TASKS + data.LM_TASKS, mode=('train', 'eval',
                     dtype=('auto', 'float32', 'bfloat16', 'float16'), seq_len='>= 1',
                     batch_size='>= 1', grad_accum='>= 1', lr='> 0', warmup_iters='>= 0',
                     grad_clip='>= 0', max_iters='>= 1', eval_interval='>= 1',
-                    eval_examples='>= 0', eval_tokens='>= 0', log_interval='>= 1',
+                    eval_examples='>= 0', stop_exact='[0, 1]', eval_tokens='>= 0',
+                    log_interval='>= 1',
                     seed=f'[0, {2 ** 63 - 64})',  # numpy and torch seeds are 63-bit (+ the rank)
                     skip_nonfinite='>= 0', sample_len='>= 1', temperature='>= 0', top_k='>= 0')
 
 # the settings of the RMT and Transformer-XL papers (GPU-days), and small ones that learn on 2
 # CPU cores in minutes ('_cpu')
 PAPER = dict(n_layer=4, d_model=128, n_head=4, d_head=64, d_inner=256, dropout=0.1, lr=1e-4,
-             batch_size=32, max_iters=250_000, eval_interval=5000, eval_examples=0)
+             schedule='plateau', warmup_iters=0, batch_size=32, max_iters=250_000,
+             eval_interval=5000, eval_examples=0)
 NARROW = dict(d_model=64, d_head=32, d_inner=128)                     # retrieval
-LM = dict(dropout=0.1, schedule='cosine', bptt_depth=1, eval_tokens=0, lr=2.5e-4,
+LM = dict(dropout=0.1, schedule='cosine', warmup_iters=0, bptt_depth=1, eval_tokens=0, lr=2.5e-4,
           eval_interval=4000, log_interval=200)    # language modelling: the RMT paper's models
 ENWIK8 = dict(LM, n_layer=12, d_model=512, n_head=8, d_head=64, d_inner=2048, batch_size=22,
               max_iters=400_000, seg_len=128, mem_len=128, n_mem_tokens=10)
 LM_CPU = dict(LM, n_layer=4, d_model=128, n_head=4, d_head=32, d_inner=512, lr=1e-3,
               warmup_iters=100, batch_size=12, max_iters=2000, eval_interval=500,
               eval_tokens=20_000, seg_len=64, mem_len=40, n_mem_tokens=10, log_interval=250)
+# The defaults are 'copy_cpu', the quick first run (about 2.5 minutes on 2 cores). Two findings
+# set them. A warm-up: at a full lr of 1e-3 from step 1 the model sat at chance (loss 2.30) for
+# ~1000 steps; with 300 warm-up steps it leaves by ~350. Slack in what the memory can reach: write
+# slot i sees source token j at distance T+i-j, so a head that prefers one distance fills the M
+# slots with M consecutive tokens. 2 heads x 12 slots tile the 24 source tokens with no slack, and
+# in about half the seeds a few positions were never stored (answered at chance for 2000+ steps:
+# moving a head to them uncovers others). 4 heads of 16 (the same width), or 16 slots, each freed
+# both seeds that were stuck; with both, every seed we ran was solved by step 1200.
 PRESETS = {                              # a preset's task is its name without '_cpu'
     'copy': dict(PAPER, seq_len=24, seg_len=12, n_mem_tokens=6, mem_len=6),
     'reverse': dict(PAPER, seq_len=24, seg_len=12, n_mem_tokens=6, mem_len=6),
@@ -106,9 +119,12 @@ PRESETS = {                              # a preset's task is its name without '
     'sqeq': dict(PAPER, n_layer=6, n_head=6, max_iters=600_000, seg_len=30, n_mem_tokens=30,
                  mem_len=30),
     'copy_cpu': dict(),                  # the defaults
-    'reverse_cpu': dict(n_layer=4, n_head=4, max_iters=8000),  # 48 input tokens: 2 segments
-    'retrieval_cpu': dict(n_layer=3, seg_len=3, n_mem_tokens=3, mem_len=3, batch_size=256),
-    'sqeq_cpu': dict(seg_len=30, n_mem_tokens=30, mem_len=30, batch_size=32, eval_examples=500),
+    'reverse_cpu': dict(n_layer=4, n_mem_tokens=12, mem_len=12, max_iters=4000,  # 48 input
+                        eval_interval=500),                      # tokens: 2 segments
+    'retrieval_cpu': dict(n_layer=3, seg_len=3, n_mem_tokens=3, mem_len=3, batch_size=256,
+                          max_iters=4000, eval_interval=500),
+    'sqeq_cpu': dict(seg_len=30, n_mem_tokens=30, mem_len=30, batch_size=32, eval_examples=500,
+                     max_iters=4000, eval_interval=500),
     'enwik8': ENWIK8, 'text': ENWIK8,
     'wt103': dict(LM, n_layer=16, d_model=410, n_head=10, d_head=41, d_inner=2100, batch_size=60,
                   max_iters=200_000, seg_len=150, mem_len=150, n_mem_tokens=25, bptt_depth=2),
@@ -304,6 +320,7 @@ def main(argv):
     to_save = (run_flags(given, ckpt, resuming), model, optimizer, scheduler, model_cfg,
                train_cfg, dataset, env)          # what a checkpoint holds besides the loop's state
     signals, skipped, log = Signals(env), 0, Log(model, env, train_cfg.out_dir, start)
+    step = start                                 # the last step trained
     for step in range(start + 1, train_cfg.max_iters + 1):
         x, y, w, n_tokens = get_batch(dataset, step - 1, env)
         loss, gnorm, finite = train_step(ddp_model, optimizer, states, (x, y, w), train_cfg, env)
@@ -326,12 +343,17 @@ def main(argv):
             if val['loss'] < best_val:
                 best_val = val['loss']
                 save_checkpoint('best.pt', step, best_val, states, *to_save)
-            save_checkpoint('ckpt.pt', step, best_val, states, *to_save)
+            solved = val.get('exact', 0) >= train_cfg.stop_exact > 0
+            save_checkpoint('ckpt.pt', step, best_val, states, *to_save, solved=solved)
             log.exclude(time.time() - t_val)     # the speed is the training steps' alone
+            if solved and step < train_cfg.max_iters:   # algorithmic: nothing left to learn
+                env.print(f'solved: val exact {val["exact"]:.4f} >= --stop_exact '
+                          f'{train_cfg.stop_exact:g} at step {step}, so training ends before '
+                          f'--max_iters {train_cfg.max_iters}')
+                break
         stop_on_signal(signals, step, best_val, states, to_save)
     catch_signals(stop_final_test)               # a signal now ends the run: all is saved
-    log.result('test', evaluate(model, 'test', dataset, train_cfg, env),
-               max(start, train_cfg.max_iters))
+    log.result('test', evaluate(model, 'test', dataset, train_cfg, env), step)
 
 
 # =============================================================================================
@@ -485,8 +507,8 @@ def make_configs(given, ckpt=None, path='', resuming=False):
 
 # flags that only one mode reads: given in another, they would be ignored, so they are refused
 TRAINING_ONLY = ('lr', 'schedule', 'warmup_iters', 'grad_clip', 'max_iters', 'eval_interval',
-                 'log_interval', 'grad_accum', 'skip_nonfinite', 'aux_mem_loss', 'bptt_depth',
-                 'grad_checkpoint', 'dropout', 'dropatt')
+                 'stop_exact', 'log_interval', 'grad_accum', 'skip_nonfinite', 'aux_mem_loss',
+                 'bptt_depth', 'grad_checkpoint', 'dropout', 'dropatt')
 SAMPLING_ONLY = ('prompt', 'sample_len', 'temperature', 'top_k')
 
 
@@ -506,6 +528,7 @@ def check_together(model_cfg, train_cfg, given):
     task = train_cfg.task
     used_by = dict(seq_len=(task in ('copy', 'reverse'), '--task copy and reverse'),
                    eval_examples=(task in data.ALGO_TASKS, 'algorithmic tasks'),
+                   stop_exact=(task in data.ALGO_TASKS, 'algorithmic tasks'),
                    eval_tokens=(task in data.LM_TASKS, 'language-modelling tasks'),
                    data_path=(task == 'text', '--task text'),
                    data_dir=(task in data.LM_TASKS, 'language-modelling tasks'),
@@ -808,9 +831,9 @@ def usable_memory():  # bytes: physical memory, capped by a cgroup (v2 or v1) or
 
 # what a resumed run may change: the loop's knobs, never the model, the data or the streams
 RESUMABLE = ('mode', 'lr', 'warmup_iters', 'grad_clip', 'max_iters', 'eval_interval',
-             'eval_examples', 'eval_tokens', 'log_interval', 'device', 'dtype', 'compile',
-             'out_dir', 'resume', 'skip_nonfinite', 'dropout', 'dropatt', 'prompt', 'sample_len',
-             'temperature', 'top_k')
+             'eval_examples', 'stop_exact', 'eval_tokens', 'log_interval', 'device', 'dtype',
+             'compile', 'out_dir', 'resume', 'skip_nonfinite', 'dropout', 'dropatt', 'prompt',
+             'sample_len', 'temperature', 'top_k')
 
 
 def load_checkpoint(path, resume=False):
@@ -969,13 +992,18 @@ def restore(ckpt, path, given, optimizer, scheduler, dataset, train_cfg, env):
     if env.cuda and mine['cuda_rng'] is not None:
         torch.cuda.set_rng_state(mine['cuda_rng'])
     env.print(f"resuming {path} at step {ckpt['step']} of {train_cfg.max_iters}")
+    if ckpt.get('solved') and train_cfg.stop_exact > 0:   # it ended there: the test is left
+        env.print(f"it was solved at step {ckpt['step']}, so only the test is left "
+                  '(--resume true --stop_exact 0 trains on)')
+        train_cfg.max_iters = ckpt['step']
     return ckpt['step'], ckpt['best_val'], states
 
 
 def save_checkpoint(name, step, best_val, states, flags, model, optimizer, scheduler, model_cfg,
-                    train_cfg, dataset, env):
+                    train_cfg, dataset, env, solved=False):
     """All it takes to continue exactly. Every rank sends its RNG and memory, rank 0 writes:
-    temp file, fsync, rename, so that a crash never leaves a torn checkpoint."""
+    temp file, fsync, rename, so that a crash never leaves a torn checkpoint. solved: the run
+    ended here, its validation at --stop_exact (a resume goes straight to the test)."""
     mine = dict(rng=torch.get_rng_state(), memory=[], cuda_rng=None)
     if env.cuda:
         mine['cuda_rng'] = torch.cuda.get_rng_state()
@@ -991,7 +1019,8 @@ def save_checkpoint(name, step, best_val, states, flags, model, optimizer, sched
     ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(), model_cfg=asdict(model_cfg),
                 train_cfg=asdict(train_cfg), step=step, best_val=best_val, ranks=ranks,
-                data=dataset.checksums, loader=dataset.loaders['train'].state_dict(), flags=flags)
+                data=dataset.checksums, loader=dataset.loaders['train'].state_dict(), flags=flags,
+                solved=solved)
     ckpt['digest'] = digest(ckpt)
     try:
         with open(tmp, 'wb') as f:
