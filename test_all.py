@@ -810,9 +810,11 @@ def test_bad_input_exits_2_with_one_line():
                      '--seed -1', '--d_model 63', '--aux_mem_loss -1', '--vocab_size 5',
                      '--mode eval', '--arch xl --n_mem_tokens 5', '--arch mt --mem_len 50',
                      '--clamp_len -5', '--prompt hi', '--arch baseline --mem_len 4',
-                     '--d_model 100000', '--compile maybe',
+                     '--d_model 10000000', '--compile maybe',
                      '--task text --preset copy_cpu', '--n_head 100000 --d_head 100000',
-                     '--task retrieval --seq_len 30', '--eval_tokens 9', '--warmup_iters 5',
+                     '--task retrieval --seq_len 30', '--eval_tokens 9',
+                     '--schedule plateau --warmup_iters 5', '--stop_exact 1.5',
+                     '--mode eval --stop_exact 0.5',
                      '--data_path x.txt'):
             # another exception fails the test; a case's own --out_dir wins over this one
             code, out, err = train_main('--out_dir', f'{d}/o', *args.split())
