@@ -629,6 +629,37 @@ def test_uniform_model_has_8_bpc_and_eval_reports_protocol():
         assert re.search(r'val step 4: .* \| \d+\.\d s', out), out         # and of evaluation
 
 
+def test_kept_checkpoints_and_evaluation_with_the_memory_reset():
+    # --keep_every keeps the validations' checkpoints at its multiples (a learning curve's points);
+    # --reset_memory starts every evaluation segment afresh, so xl's cache length stops mattering
+    with tempfile.TemporaryDirectory() as d:
+        _put(f'{d}/t.txt', np.random.default_rng(0).integers(97, 101, 60_000, np.uint8).tobytes())
+        code, out, err = train_main('--task', 'text', '--data_path', f'{d}/t.txt', '--arch', 'xl',
+                                    '--n_layer', '1', '--max_iters', '6', '--eval_interval', '2',
+                                    '--keep_every', '4', '--eval_tokens', '64', '--data_dir', d,
+                                    '--out_dir', f'{d}/o')
+        assert code == 0, out + err
+        assert sorted(f for f in os.listdir(f'{d}/o') if f.endswith('.pt')) == [
+            'best.pt', 'ckpt.pt', 'ckpt_4.pt'], os.listdir(f'{d}/o')
+        kept = torch.load(f'{d}/o/ckpt_4.pt', weights_only=True)
+        assert kept['step'] == 4 and torch.load(f'{d}/o/ckpt.pt', weights_only=True)['step'] == 6
+        m = MemTransformer(ModelConfig(**kept['model_cfg']))   # weights far from uniform output
+        with torch.no_grad():
+            for p in m.parameters():
+                p.normal_(0, 0.3)
+        ckpt = dict(model=m.state_dict(), model_cfg=kept['model_cfg'], train_cfg=kept['train_cfg'])
+        torch.save(dict(ckpt, digest=train.digest(ckpt)), f'{d}/r.pt')
+        bpc = {}
+        for reset in ('false', 'true'):
+            for mem in ('8', '32'):
+                code, out, err = train_main('--mode', 'eval', '--init_from', f'{d}/r.pt',
+                                            '--mem_len', mem, '--reset_memory', reset,
+                                            '--eval_tokens', '2000')
+                assert code == 0 and ('memory reset' in out) == (reset == 'true'), out + err
+                bpc[reset, mem] = re.search(r'test: .*bpc ([\d.]+)', out).group(1)
+        assert bpc['true', '8'] == bpc['true', '32'] != bpc['false', '32'] != bpc['false', '8'], bpc
+
+
 def test_grad_accum_splits_streams_each_chunk_keeps_its_memory():
     """--batch_size B*G --grad_accum 1 == --batch_size B --grad_accum G: the same streams, each
     micro-step's rows with their own memory in time order; the same losses, weights, evaluation."""
@@ -814,7 +845,8 @@ def test_bad_input_exits_2_with_one_line():
                      '--task text --preset copy_cpu', '--n_head 100000 --d_head 100000',
                      '--task retrieval --seq_len 30', '--eval_tokens 9',
                      '--schedule plateau --warmup_iters 5', '--stop_exact 1.5',
-                     '--mode eval --stop_exact 0.5',
+                     '--mode eval --stop_exact 0.5', '--reset_memory true',
+                     f'{text} --eval_interval 2 --keep_every 3', '--mode eval --keep_every 4',
                      '--data_path x.txt'):
             # another exception fails the test; a case's own --out_dir wins over this one
             code, out, err = train_main('--out_dir', f'{d}/o', *args.split())

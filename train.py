@@ -60,6 +60,11 @@ class TrainConfig:
     stop_exact: float = 1.0    # algorithmic tasks: end training once val exact reaches this
     #                            (1.0: every validation answer right; 0 = run all max_iters)
     eval_tokens: int = 0       # LM tasks: tokens per rank per evaluation (0 = whole split)
+    reset_memory: bool = False  # LM evaluation: every segment starts from fresh memory (rmt:
+    #                            the learned tokens; xl: an empty cache), to show what the
+    #                            memory carried from earlier segments is worth
+    keep_every: int = 0        # also keep the checkpoint of each validation at a multiple of
+    #                            this step as ckpt_STEP.pt, a learning curve's points (0 = none)
     log_interval: int = 250    # steps between log lines
     seed: int = 1337           # data, initialisation, dropout and sampling (per rank: + rank)
     device: str = 'auto'       # auto | cpu | cuda | cuda:N
@@ -87,7 +92,7 @@ TRAIN_LIMITS = dict(task=data.ALGO_TASKS + data.LM_TASKS, mode=('train', 'eval',
                     batch_size='>= 1', grad_accum='>= 1', lr='> 0', warmup_iters='>= 0',
                     grad_clip='>= 0', max_iters='>= 1', eval_interval='>= 1',
                     eval_examples='>= 0', stop_exact='[0, 1]', eval_tokens='>= 0',
-                    log_interval='>= 1',
+                    keep_every='>= 0', log_interval='>= 1',
                     seed=f'[0, {2 ** 63 - 64})',  # numpy and torch seeds are 63-bit (+ the rank)
                     skip_nonfinite='>= 0', sample_len='>= 1', temperature='>= 0', top_k='>= 0')
 
@@ -231,7 +236,8 @@ def evaluate(model, split, dataset, train_cfg, env):
         else:                                    # memory carried through each rank's streams
             stream, limit = dataset.loaders[split], train_cfg.eval_tokens or None
             blocks = stream_nll(model, stream, model.cfg.seg_len, limit, env.device,
-                                data.Progress(split, stream.eval_size(limit), env.master))
+                                data.Progress(split, stream.eval_size(limit), env.master),
+                                carry=not train_cfg.reset_memory)
             nll, n = reduce(blocks.sum(0).tolist(), env)
             res = dict(loss=nll / n, n=int(n))
             if train_cfg.task == 'wt103':
@@ -247,15 +253,16 @@ def format_metrics(res):  # 'loss 1.2345 | acc_tf 0.9000 | n 1000'
                       for k, v in res.items())
 
 
-def stream_nll(model, stream, seg_len, max_tokens, device, progress):
+def stream_nll(model, stream, seg_len, max_tokens, device, progress, carry=True):
     """Language-model evaluation as in Transformer-XL: a data.Stream's rows read window after
-    window of seg_len tokens from the start, the memory carried across windows, every target
-    scored once (up to max_tokens per rank). The caller sets the precision (autocast or not).
+    window of seg_len tokens from the start, the memory carried across windows (carry=False:
+    every window starts afresh), every target scored once (up to max_tokens per rank). The
+    caller sets the precision (autocast or not).
     -> (N, 2) float64 on the CPU, one row per (stream, window): NLL sum, tokens."""
     state, blocks = None, []
     for x, y in stream.eval_windows(seg_len, max_tokens):
         progress.update(x.size(1))               # a line on stderr every 10 s
-        nll, state = model(x.to(device), state, y.to(device))                     # (B, w)
+        nll, state = model(x.to(device), state if carry else None, y.to(device))  # (B, w)
         sums = nll.double().sum(1)                                                # (B,)
         blocks.append(torch.stack([sums, torch.full_like(sums, nll.size(1))], 1))  # (B, 2)
     return torch.cat(blocks).cpu()               # .cpu() waits for a GPU: callers may time it
@@ -352,6 +359,8 @@ def main(argv):
                 save_checkpoint('best.pt', step, best_val, states, *to_save)
             solved = val.get('exact', 0) >= train_cfg.stop_exact > 0
             save_checkpoint('ckpt.pt', step, best_val, states, *to_save, solved=solved)
+            if train_cfg.keep_every and step % train_cfg.keep_every == 0:   # a curve's points
+                save_checkpoint(f'ckpt_{step}.pt', step, best_val, states, *to_save)
             log.exclude(time.time() - t_val)     # the speed is the training steps' alone
             if solved and step < train_cfg.max_iters:   # algorithmic: nothing left to learn
                 env.print(f'solved: val exact {val["exact"]:.4f} >= --stop_exact '
@@ -514,8 +523,8 @@ def make_configs(given, ckpt=None, path='', resuming=False):
 
 # flags that only one mode reads: given in another, they would be ignored, so they are refused
 TRAINING_ONLY = ('lr', 'schedule', 'warmup_iters', 'grad_clip', 'max_iters', 'eval_interval',
-                 'stop_exact', 'log_interval', 'grad_accum', 'skip_nonfinite', 'aux_mem_loss',
-                 'bptt_depth', 'grad_checkpoint', 'dropout', 'dropatt')
+                 'stop_exact', 'keep_every', 'log_interval', 'grad_accum', 'skip_nonfinite',
+                 'aux_mem_loss', 'bptt_depth', 'grad_checkpoint', 'dropout', 'dropatt')
 SAMPLING_ONLY = ('prompt', 'sample_len', 'temperature', 'top_k')
 
 
@@ -537,6 +546,7 @@ def check_together(model_cfg, train_cfg, given):
                    eval_examples=(task in data.ALGO_TASKS, 'algorithmic tasks'),
                    stop_exact=(task in data.ALGO_TASKS, 'algorithmic tasks'),
                    eval_tokens=(task in data.LM_TASKS, 'language-modelling tasks'),
+                   reset_memory=(task in data.LM_TASKS, 'language-modelling tasks'),
                    data_path=(task == 'text', '--task text'),
                    data_dir=(task in data.LM_TASKS, 'language-modelling tasks'),
                    warmup_iters=(train_cfg.schedule == 'cosine', '--schedule cosine'),
@@ -552,6 +562,9 @@ def check_together(model_cfg, train_cfg, given):
         ignored += [k for k in given if k in SAMPLING_ONLY]
     if ignored:
         raise ValueError(f'--{ignored[0]} does nothing in --mode {train_cfg.mode}: drop it')
+    if train_cfg.keep_every % train_cfg.eval_interval:
+        raise ValueError(f'--keep_every {train_cfg.keep_every} keeps validation checkpoints: '
+                         f'make it a multiple of --eval_interval {train_cfg.eval_interval}')
     if train_cfg.task in data.ALGO_TASKS and {'prompt', 'sample_len'} & given.keys():
         raise ValueError('--prompt and --sample_len are for language-modelling tasks; --mode '
                          'sample on an algorithmic task shows test examples: drop them')
@@ -830,6 +843,7 @@ def usable_memory():  # bytes: physical memory, capped by a cgroup (v2 or v1) or
 #   ckpt.pt  the latest state: weights, optimizer, schedule, step, configs, the flags that made the
 #            run, every rank's RNG and LM memory, the stream position, the data's digests
 #   best.pt  the same, at the best validation loss
+#   ckpt_STEP.pt  with --keep_every: the same, kept at that step (a learning curve's points)
 #   lock     locked by rank 0 while it trains; the operating system releases it when the process
 #            ends, however it ends
 # --resume auto (the default) continues ckpt.pt when the same flags made it, which is what a
@@ -838,7 +852,8 @@ def usable_memory():  # bytes: physical memory, capped by a cgroup (v2 or v1) or
 
 # what a resumed run may change: the loop's knobs, never the model, the data or the streams
 RESUMABLE = ('mode', 'lr', 'warmup_iters', 'grad_clip', 'max_iters', 'eval_interval',
-             'eval_examples', 'stop_exact', 'eval_tokens', 'log_interval', 'device', 'dtype',
+             'eval_examples', 'stop_exact', 'eval_tokens', 'reset_memory', 'keep_every',
+             'log_interval', 'device', 'dtype',
              'compile', 'out_dir', 'resume', 'skip_nonfinite', 'dropout', 'dropatt', 'prompt',
              'sample_len', 'temperature', 'top_k')
 
@@ -1051,10 +1066,11 @@ def save_checkpoint(name, step, best_val, states, flags, model, optimizer, sched
 
 def evaluate_checkpoint(model, dataset, train_cfg, env):
     """--mode eval: a checkpoint on val and test, with the protocol it was evaluated under (the
-    flags --seg_len, --mem_len and --clamp_len may change it)."""
+    flags --seg_len, --mem_len, --clamp_len and --reset_memory may change it)."""
     cfg = model.cfg
+    reset = ' | memory reset every segment' if train_cfg.reset_memory else ''
     env.print(f'eval: arch {cfg.arch} | seg_len {cfg.seg_len} | mem_len {cfg.mem_len} | '
-              f'n_mem_tokens {cfg.n_mem_tokens} | clamp_len {cfg.clamp_len}')
+              f'n_mem_tokens {cfg.n_mem_tokens} | clamp_len {cfg.clamp_len}{reset}')
     for split in ('val', 'test'):
         res = evaluate(model, split, dataset, train_cfg, env)   # every rank evaluates its share
         env.print(f'{split}: {format_metrics(res)}')
