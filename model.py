@@ -40,9 +40,9 @@ class ModelConfig:
     d_inner: int = 128         # FFN hidden size
     dropout: float = 0.0       # on embeddings, positional embeddings, attention output, FFN
     dropatt: float = 0.0       # on attention probabilities
-    seg_len: int = 24          # tokens per segment (T); evaluation may use another
-    mem_len: int = 16          # xl, xl_rmt: cached layer inputs per layer (P); eval may differ
-    n_mem_tokens: int = 16     # mt, rmt, xl_rmt: memory slots (M)
+    seg_len: int = 16          # tokens per segment (T); evaluation may use another
+    mem_len: int = 12          # xl, xl_rmt: cached layer inputs per layer (P); eval may differ
+    n_mem_tokens: int = 12     # mt, rmt, xl_rmt: memory slots (M)
     bptt_depth: int = -1       # rmt: segments the gradient reaches back (0 = none, -1 = all)
     clamp_len: int = 0         # > 0: cap |distance| in the positional term
     cutoffs: tuple = ()        # adaptive softmax cluster starts (wt103); () = full softmax

@@ -520,7 +520,9 @@ def test_torchrun_two_processes_two_nodes_and_a_restart_equal_one_process():
         steps = [[ln.split(' | ')[:2] for ln in out.splitlines() if ln.startswith('step ')]
                  for out in (two, node0, restart)]
         assert steps[0] == steps[1] and steps[0][3:] == steps[2][-3:], steps
-        assert 'resuming' in restart and 'exitcode: -9' in restart, restart   # SIGKILL
+        # the launcher reports whichever rank it sees fail first: the SIGKILLed one (-9), or its
+        # peer, which aborts on the broken connection (-6)
+        assert 'resuming' in restart and re.search(r'exitcode: -(9|6)\b', restart), restart
 
 
 # ----------------------------------------------------------------------------- language modelling
@@ -573,7 +575,7 @@ def test_sample_mode_text_test_examples_and_bad_values():
         assert code == 0, err
         code, out, err = train_main('--mode', 'sample', '--init_from', f'{d}/copy/ckpt.pt')
         assert code == 0 and out.count('input ') == out.count('truth ') == 3, (out, err)
-        assert out.count('of 48 right') == 3 and '|' in out, out     # copy: 2 x 24 symbols
+        assert out.count('of 32 right') == 3 and '|' in out, out     # copy: 2 x 16 symbols
         for ckpt, args in (('lm', '--temperature -1'), ('lm', '--top_k -2'),
                            ('lm', '--sample_len 0'), ('lm', '--prompt='), ('copy', '--prompt ab'),
                            ('copy', '--sample_len 5'), ('lm', '--temperature nan'),

@@ -44,7 +44,7 @@ class TrainConfig:
     task: str = 'copy'         # copy | reverse | retrieval | sqeq | enwik8 | wt103 | text
     preset: str = ''           # a PRESETS key; '': copy_cpu, or with --task X: X on a GPU, X_cpu
     mode: str = 'train'        # train | eval (a checkpoint on val and test) | sample (generate)
-    seq_len: int = 24          # copy, reverse: source length S (paper: 24, 40, 120, 240, 360)
+    seq_len: int = 16          # copy, reverse: source length S (paper: 24, 40, 120, 240, 360)
     data_dir: str = 'data'     # where enwik8 / wt103 / text splits are prepared
     data_path: str = ''        # text: any local file, read as bytes
     batch_size: int = 32       # examples (or LM streams) per micro-step per process
@@ -109,21 +109,23 @@ ENWIK8 = dict(LM, n_layer=12, d_model=512, n_head=8, d_head=64, d_inner=2048, ba
 LM_CPU = dict(LM, n_layer=4, d_model=128, n_head=4, d_head=32, d_inner=512, lr=1e-3,
               warmup_iters=100, batch_size=12, max_iters=2000, eval_interval=500,
               eval_tokens=20_000, seg_len=64, mem_len=40, n_mem_tokens=10, log_interval=250)
-# The defaults are 'copy_cpu', the quick first run (1-3 minutes on 2 cores). Three findings set
-# them. A warm-up: at a full lr of 1e-3 from step 1 the model sat at chance (loss 2.30) for ~1000
-# steps; with 300 warm-up steps it leaves by ~350. Slack in what the memory can reach: write slot
-# i sees source token j at distance T+i-j, so a head that prefers one distance fills the M slots
-# with M consecutive tokens. 2 heads x 12 slots tile the 24 source tokens with no slack, and in
-# about half the seeds a few positions were never stored (answered at chance for 2000+ steps:
-# moving a head to them uncovers others). 4 heads of 16 (the same width), or 16 slots, each freed
-# both seeds that were stuck; we use both. Batch 32: half the time per step, solved in about as
-# many steps as batch 64 (750-1250 in the seeds we ran; one seed of four climbs slowly, README).
-# The other algorithmic '_cpu' presets keep the settings of the README's results: copy's did not
-# carry over to reverse (4 layers, batch 32, 4000 steps: test acc_free 0.40, 0.89 and 0.997 in
-# three seeds, against 0.999 for these settings over 8000 steps).
-PLATEAU_CPU = dict(n_head=2, d_head=32, n_mem_tokens=12, mem_len=12, batch_size=64,
-                   schedule='plateau', warmup_iters=0, max_iters=4000, eval_interval=500,
-                   stop_exact=0)
+# The defaults are 'copy_cpu', the quick first run (under 2 minutes on 2 cores): a 16-symbol
+# source, 48 input tokens in 3 segments of 16, 12 memory slots. Four findings set them. A warm-up:
+# at a full lr of 1e-3 from step 1 the model sat at chance (loss 2.30) for ~1000 steps; with 300
+# warm-up steps it leaves by ~350. Slack in what the memory can reach: write slot i sees source
+# token j at distance T+i-j, so a head that prefers one distance fills the M slots with M
+# consecutive tokens. 2 heads x 12 slots tile a 24-symbol source with no slack, and in about half
+# the seeds a few positions were never stored (answered at chance for 2000+ steps: moving a head
+# to them uncovers others); 4 heads of 16 (the same width), or 16 slots, each freed both seeds
+# that were stuck. Batch 32: half the time per step, solved in about as many steps as batch 64.
+# The source length: with 24 symbols and 16 slots, one seed in four still climbed slowly (solved
+# at step 2500 of 3000, 190 s); with 16 symbols and 12 slots, 12 seeds of 12 were solved by step
+# 1500 (README). The other algorithmic '_cpu' presets keep the settings of the README's results:
+# copy's did not carry over to reverse (4 layers, batch 32, 4000 steps: test acc_free 0.40, 0.89
+# and 0.997 in three seeds, against 0.999 for these settings over 8000 steps).
+PLATEAU_CPU = dict(seq_len=24, seg_len=24, n_head=2, d_head=32, n_mem_tokens=12, mem_len=12,
+                   batch_size=64, schedule='plateau', warmup_iters=0, max_iters=4000,
+                   eval_interval=500, stop_exact=0)
 PRESETS = {                              # a preset's task is its name without '_cpu'
     'copy': dict(PAPER, seq_len=24, seg_len=12, n_mem_tokens=6, mem_len=6),
     'reverse': dict(PAPER, seq_len=24, seg_len=12, n_mem_tokens=6, mem_len=6),
@@ -131,7 +133,7 @@ PRESETS = {                              # a preset's task is its name without '
     'sqeq': dict(PAPER, n_layer=6, n_head=6, max_iters=600_000, seg_len=30, n_mem_tokens=30,
                  mem_len=30),
     'copy_cpu': dict(),                  # the defaults
-    # 48 input tokens: 2 segments
+    # 48 input tokens: 2 segments of 24
     'reverse_cpu': dict(PLATEAU_CPU, n_layer=4, n_head=4, max_iters=8000),
     'retrieval_cpu': dict(PLATEAU_CPU, n_layer=3, seg_len=3, n_mem_tokens=3, mem_len=3,
                           batch_size=256),
