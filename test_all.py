@@ -1020,8 +1020,16 @@ def test_every_readme_command_runs_two_steps_on_local_data():
         short = {'train': '--max_iters 2 --eval_interval 2 --log_interval 1 --batch_size 2',
                  'eval': '--eval_tokens 64', 'sample': '--sample_len 5',
                  'trams': '--eval_tokens 64'}
+        outs = {}                                   # a command's --out_dir -> the test's
         for i, (script, argv) in enumerate(commands):
             argv = [local.get(a, a) for a in argv]
+            if '--out_dir' in argv:
+                outs[argv[argv.index('--out_dir') + 1]] = f'{d}/{i}'
+            if '--init_from' in argv:                # a kept ckpt_N.pt: that run's latest
+                j = argv.index('--init_from') + 1
+                folder = os.path.dirname(argv[j])
+                if folder in outs:
+                    argv[j] = f'{outs[folder]}/ckpt.pt'
             if argv[:2] == ['--task', 'enwik8']:             # no download here: the local file
                 argv = ['--task', 'text', '--data_path', f'{d}/t.txt', *argv[2:]]
             mode, extra = 'trams', []
