@@ -848,7 +848,8 @@ def test_bad_input_exits_2_with_one_line():
                      '--task retrieval --seq_len 30', '--eval_tokens 9',
                      '--schedule plateau --warmup_iters 5', '--stop_exact 1.5',
                      '--mode eval --stop_exact 0.5', '--reset_memory true',
-                     f'{text} --eval_interval 2 --keep_every 3', '--mode eval --keep_every 4',
+                     f'{text} --eval_interval 2 --keep_every 3',
+                     f'--mode eval --init_from {d}/xl.pt --keep_every 4',
                      '--data_path x.txt'):
             # another exception fails the test; a case's own --out_dir wins over this one
             code, out, err = train_main('--out_dir', f'{d}/o', *args.split())
