@@ -1008,7 +1008,7 @@ def test_every_readme_command_parses():
 def test_every_readme_command_runs_two_steps_on_local_data():
     """Each distinct train.py and trams.py command of the README, run as written on a local
     file (FILE, dynamo.txt and enwik8 stand for it; out/ckpt.pt is the README's xl run), cut to 2
-    training steps and a few evaluated tokens: it ends well. 20 s at most in all."""
+    training steps and a few evaluated tokens: it ends well. 30 s at most in all."""
     t0, commands = time.time(), []
     for script, argv in readme_commands():
         if (script, argv) not in commands and '--help' not in argv:
@@ -1046,7 +1046,7 @@ def test_every_readme_command_runs_two_steps_on_local_data():
             code, out, err = train_main(*argv, *extra,
                                         main=trams.main if script == 'trams' else train.main)
             assert code in (0, None), (script, argv, err)
-    assert time.time() - t0 < 20, time.time() - t0
+    assert time.time() - t0 < 30, time.time() - t0
 
 
 def test_preset_choice_quick_default_on_every_device():
