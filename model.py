@@ -90,8 +90,8 @@ def check_limits(cfg, limits):
             continue
         if limit.startswith('['):                    # [low, high) or [low, high]
             low, high = (_number(b) for b in limit[1:-1].split(','))
-            ok, text = low <= value and (value < high or limit[-1] == ']' and value == high), \
-                f'in {limit}'
+            below = value <= high if limit.endswith(']') else value < high
+            ok, text = low <= value and below, f'in {limit}'
         else:                                        # '>= low' or '> low'
             op, low = limit.split()
             ok, text = value > _number(low) or (op == '>=' and value == _number(low)), limit

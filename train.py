@@ -855,9 +855,8 @@ def usable_memory():  # bytes: physical memory, capped by a cgroup (v2 or v1) or
 # what a resumed run may change: the loop's knobs, never the model, the data or the streams
 RESUMABLE = ('mode', 'lr', 'warmup_iters', 'grad_clip', 'max_iters', 'eval_interval',
              'eval_examples', 'stop_exact', 'eval_tokens', 'reset_memory', 'keep_every',
-             'log_interval', 'device', 'dtype',
-             'compile', 'out_dir', 'resume', 'skip_nonfinite', 'dropout', 'dropatt', 'prompt',
-             'sample_len', 'temperature', 'top_k')
+             'log_interval', 'device', 'dtype', 'compile', 'out_dir', 'resume', 'skip_nonfinite',
+             'dropout', 'dropatt', 'prompt', 'sample_len', 'temperature', 'top_k')
 
 
 def load_checkpoint(path, resume=False):
