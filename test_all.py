@@ -28,7 +28,8 @@ import data
 from data import (SQEQ_CHARS, DataError, Examples, Stream, generate, load_corpus, make_splits,
                   split_checksum, task_spec)
 import memory
-from model import ARCHS, MemTransformer, ModelConfig, RelShift, build_mask, dropout, rel_shift
+from model import (ARCHS, MemTransformer, ModelConfig, RelShift, ScaleByMask, build_mask, dropout,
+                   keep_mask, rel_shift)
 import train
 import trams
 
@@ -115,6 +116,26 @@ def test_dropout_keep_rate_independent_reproducible():
             assert abs((keep[lag:] & keep[:-lag]).float().mean() - (1 - p) ** 2) < 2e-3, p
         torch.manual_seed(0)
         assert torch.equal(dropout(x, p), y), p
+
+
+def test_cpu_dropout_equals_its_plain_formula():
+    """keep_mask's lane arithmetic keeps exactly the elements whose 15-bit number h (a quarter of
+    a random integer) is >= round(p * 2^15), and ScaleByMask equals torch.where(keep, x / (1-p), 0),
+    values and gradients, in float32 and bfloat16."""
+    n = 1001                                                   # not a multiple of 4 lanes
+    for p in (0.1, 0.5, 0.9):
+        torch.manual_seed(0)
+        mask = keep_mask((n,), p)
+        torch.manual_seed(0)
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_()
+        keep = (bits & 0x7FFF7FFF7FFF7FFF).view(torch.int16)[:n] >= round(p * 2 ** 15)
+        assert torch.equal(mask, keep.to(torch.bfloat16)), p
+        for dtype in (torch.float32, torch.bfloat16):
+            x, g = torch.randn(n, dtype=dtype, requires_grad=True), torch.randn(n, dtype=dtype)
+            ours = ScaleByMask.apply(x, mask.to(dtype), 1 / (1 - p))
+            plain = torch.where(keep, x * (1 / (1 - p)), 0)
+            assert torch.equal(ours, plain), (p, dtype)
+            assert torch.equal(*(torch.autograd.grad(y, x, g)[0] for y in (ours, plain))), (p, dtype)
 
 
 def test_rmt_mask_matches_spec_picture_and_tokens_never_see_write_memory():
