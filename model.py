@@ -163,8 +163,10 @@ def attention(q, k, val, pos_scores, mask, dropatt=0.0):
     # a head-first tensor (RelAttention.position_scores), so (H*B, S, K) costs no copy of it
     q, k, val, pos_scores = (t.transpose(0, 1).flatten(0, 1) for t in (q, k, val, pos_scores))
     a = torch.baddbmm(pos_scores, q, k.transpose(1, 2), alpha=1 / math.sqrt(D))  # (H*B, S, K)
-    a = a.masked_fill_(~mask, float('-inf')).softmax(-1)  # in place on a view would cost 5 copies
-    a = dropout(a, dropatt)                               # in the backward: a stays 3-d
+    # masked in place on `a` itself, not on a 4-d view of it: autograd's backward of an in-place
+    # op on a view copies the whole score tensor five times
+    a = a.masked_fill_(~mask, float('-inf')).softmax(-1)
+    a = dropout(a, dropatt)
     return (a @ val).view(H, B, S, D).transpose(0, 1)                            # (B, H, S, D)
 
 
@@ -527,7 +529,9 @@ def keep_mask(shape, p):
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_()     # 63 random bits each
     bits.bitwise_or_(0x8000 * lanes - 2 ** 64).sub_(t * lanes)        # lane's bit 15: h >= t
     bits.bitwise_right_shift_(15).bitwise_and_(lanes).mul_(0x3F80)
-    return bits.view(torch.bfloat16)[:n].view(shape)
+    mask = bits.view(torch.bfloat16)[:n].view(shape)
+    # torch.compile (2.13) fails on a dtype view of an int64 tensor leaving its graph: give a copy
+    return mask.clone() if torch.compiler.is_compiling() else mask
 
 
 class ScaleByMask(torch.autograd.Function):

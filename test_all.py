@@ -138,6 +138,28 @@ def test_cpu_dropout_equals_its_plain_formula():
             assert torch.equal(*(torch.autograd.grad(y, x, g)[0] for y in (ours, plain))), (p, dtype)
 
 
+def test_compiled_segment_equals_eager_on_the_cpu_with_dropout():
+    """--compile on the CPU, bf16 autocast, dropout on (the CPU mask of keep_mask): the compiled
+    segment trains and gives eager's loss and gradients, the same dropout masks included."""
+    torch.manual_seed(0)
+    eager = MemTransformer(ModelConfig(arch='rmt', vocab_size=20, n_layer=2, n_head=2, d_model=16,
+                                       d_head=8, d_inner=32, dropout=0.1, seg_len=8,
+                                       n_mem_tokens=2))
+    compiled = MemTransformer(eager.cfg)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.segment = torch.compile(compiled.segment)
+    x, out = torch.randint(0, 20, (2, 25)), []
+    for m in (eager, compiled):
+        torch.manual_seed(1)
+        with torch.autocast('cpu', torch.bfloat16):
+            nll, _ = m(x[:, :24], None, x[:, 1:])                     # 3 segments
+        nll.float().mean().backward()
+        out.append((nll.float().detach(), torch.cat([p.grad.flatten() for p in m.parameters()])))
+    (nll_e, grad_e), (nll_c, grad_c) = out
+    assert (nll_e - nll_c).abs().max() < 1e-4, (nll_e - nll_c).abs().max()
+    assert (grad_e - grad_c).abs().max() < 1e-2 * grad_e.abs().max()
+
+
 def test_rmt_mask_matches_spec_picture_and_tokens_never_see_write_memory():
     # keys: cache c c | read r r | tokens t t t | write w w ; queries: r r | t t t | w w
     rmt = ['111100000', '111100000',  # read: cache (xl_rmt), all read memory, no tokens or write
