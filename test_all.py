@@ -135,7 +135,8 @@ def test_cpu_dropout_equals_its_plain_formula():
             ours = ScaleByMask.apply(x, mask.to(dtype), 1 / (1 - p))
             plain = torch.where(keep, x * (1 / (1 - p)), 0)
             assert torch.equal(ours, plain), (p, dtype)
-            assert torch.equal(*(torch.autograd.grad(y, x, g)[0] for y in (ours, plain))), (p, dtype)
+            grads = [torch.autograd.grad(y, x, g)[0] for y in (ours, plain)]
+            assert torch.equal(*grads), (p, dtype)
 
 
 def test_compiled_segment_equals_eager_on_the_cpu_with_dropout():
